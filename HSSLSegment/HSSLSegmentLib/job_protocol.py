@@ -1,0 +1,309 @@
+"""The background-job protocol between the Slicer module and the engine (docs/job-protocol.md).
+
+The Slicer side writes a ``job.json`` (:class:`JobSpec`), starts ``python -m hssl job --job job.json``
+and reads its stdout line by line. Every line that parses as a JSON object with an ``event`` key is
+an event (:class:`JobEvent`); every other line is a human log line and is kept as an
+``EventType.LOG`` event, never an error.
+
+Field names of :class:`JobSpec` and :class:`JobEvent` are the protocol's JSON keys (snake_case) on
+purpose: one name per concept on both sides of the process boundary.
+
+Stdlib only: this module is imported by the Slicer module, by tests without Slicer and by scripts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class JobSpecError(ValueError):
+    """A job description that the engine would refuse; the message names the field and the fix."""
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of ``python -m hssl job`` (see docs/job-protocol.md)."""
+
+    DONE = 0  # also after a graceful stop: the done event then says "stopped": true
+    INTERNAL_ERROR = 1  # traceback on stderr
+    USER_ERROR = 2  # one-line "error: ..." on stderr and an error event
+    OUT_OF_MEMORY = 3  # message says what to change
+
+    @classmethod
+    def describe(cls, code: int | None) -> str:
+        """A short human meaning of any exit status, including signals (negative on POSIX)."""
+        if code is None:
+            return "still running"
+        try:
+            return {
+                cls.DONE: "finished",
+                cls.INTERNAL_ERROR: "internal error",
+                cls.USER_ERROR: "input error",
+                cls.OUT_OF_MEMORY: "out of memory",
+            }[cls(code)]
+        except ValueError:
+            if code < 0:
+                return f"killed by signal {-code}"
+            return f"exit code {code}"
+
+
+class EventType(str, enum.Enum):
+    START = "start"
+    PROGRESS = "progress"
+    SAVED = "saved"
+    PREDICTION = "prediction"
+    DONE = "done"
+    ERROR = "error"
+    LOG = "log"  # a non-JSON line (stdout or stderr); not sent by the engine as JSON
+
+
+class Phase(str, enum.Enum):
+    PREPARE = "prepare"
+    FINETUNE = "finetune"
+    REFINE = "refine"  # the held-out slice is added back
+    SAVE = "save"
+    PREDICT = "predict"
+
+    @property
+    def label(self) -> str:
+        return {
+            Phase.PREPARE: "Preparing",
+            Phase.FINETUNE: "Fine-tuning",
+            Phase.REFINE: "Refining",
+            Phase.SAVE: "Saving model",
+            Phase.PREDICT: "Predicting",
+        }[self]
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+INIT_KEYWORDS = ("scratch", "bundled")
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """The content of ``job.json``. Paths are absolute; ``None`` fields are left out of the file.
+
+    image: scalar volume file (written by a storage node). labels: sparse annotation, a ``.seg.nrrd``
+    or a labelmap on the image grid. segments: names to learn (default all). slices: explicit
+    annotated slices such as ``"axial:12"`` (index along the image axis closest to head-foot;
+    default: the engine detects them). model_out: folder to write. init: ``scratch``, ``bundled``
+    or a model folder to warm-start from. time_budget: seconds. steps: optimiser steps.
+    """
+
+    image: str
+    model_out: str
+    labels: str | None = None
+    segments: list[str] | None = None
+    slices: list[str] | None = None
+    prediction_out: str | None = None
+    init: str = "scratch"
+    time_budget: float | None = None
+    steps: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    stop_file: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> "JobSpec":
+        """Check what can be checked without reading the files; raise :class:`JobSpecError`."""
+        for key in ("image", "labels", "model_out", "prediction_out", "stop_file"):
+            value = getattr(self, key)
+            if value is None:
+                if key in ("image", "model_out"):
+                    raise JobSpecError(f"job field '{key}' is required")
+                continue
+            if not isinstance(value, str) or not value:
+                raise JobSpecError(f"job field '{key}' must be a non-empty path string")
+            if not os.path.isabs(value):
+                raise JobSpecError(f"job field '{key}' must be an absolute path, got '{value}'")
+        predictOnly = self.steps == 0 and self.init not in INIT_KEYWORDS
+        if self.labels is None and not predictOnly:
+            raise JobSpecError("job has no 'labels': fine-tuning needs an annotation (only a prediction "
+                               "with a saved model, steps 0, needs none)")
+        if self.prediction_out is not None and not self.prediction_out.lower().endswith(
+                (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")):
+            raise JobSpecError(f"job field 'prediction_out' must end with .seg.nrrd, got '{self.prediction_out}'")
+        if self.init not in INIT_KEYWORDS and not os.path.isabs(self.init):
+            raise JobSpecError(f"job field 'init' must be 'scratch', 'bundled' or an absolute model folder, "
+                               f"got '{self.init}'")
+        if self.device not in DEVICES:
+            raise JobSpecError(f"job field 'device' must be one of {', '.join(DEVICES)}, got '{self.device}'")
+        if self.time_budget is not None:
+            if isinstance(self.time_budget, bool) or not isinstance(self.time_budget, (int, float)) \
+                    or not math.isfinite(self.time_budget) or self.time_budget <= 0:
+                raise JobSpecError(f"job field 'time_budget' must be a positive number of seconds, "
+                                   f"got {self.time_budget!r}")
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+                raise JobSpecError(f"job field 'steps' must be a non-negative integer, got {self.steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise JobSpecError(f"job field 'seed' must be an integer, got {self.seed!r}")
+        for key in ("segments", "slices"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise JobSpecError(f"job field '{key}' must be a list of non-empty strings, got {value!r}")
+            if key == "segments" and len(set(value)) != len(value):
+                raise JobSpecError(f"job field 'segments' names a segment twice: {value}")
+        for spec in self.slices or []:
+            for part in spec.replace(" ", "").split(";"):
+                name, sep, indices = part.partition(":")
+                if part and (not sep or not indices or not all(v.strip().isdigit() for v in indices.split(",") if v)):
+                    raise JobSpecError(f"job slice '{part}' must look like 'axial:12' (orientation:index)")
+        return self
+
+    def toDict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Validate, then write ``path`` (UTF-8 JSON). Returns the path."""
+        self.validate()
+        path = Path(path)
+        path.write_text(json.dumps(self.toDict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def fromDict(cls, data: dict[str, Any]) -> "JobSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobSpecError(f"job.json has unknown key '{unknown[0]}'")
+        return cls(**data).validate()
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "JobSpec":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise JobSpecError(f"cannot read job file '{path}': {err}") from None
+        if not isinstance(data, dict):
+            raise JobSpecError(f"job file '{path}' must hold a JSON object")
+        return cls.fromDict(data)
+
+
+@dataclasses.dataclass
+class JobEvent:
+    """One line of the job's output. ``type`` is LOG for a non-JSON line (its text in ``message``).
+
+    Progress fields: step/total (optimiser steps; total is an estimate under a time budget),
+    loss, heldout_dice (None until there is an estimate), eta_s/elapsed_s (seconds).
+    """
+
+    type: EventType
+    phase: Phase | None = None
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    heldout_dice: float | None = None
+    eta_s: float | None = None
+    elapsed_s: float | None = None
+    device: str | None = None
+    message: str | None = None
+    model: str | None = None
+    prediction: str | None = None
+    path: str | None = None
+    stopped: bool | None = None
+    annotated_slices: list[str] | None = None
+    labels: list[dict[str, Any]] | None = None
+    stream: str = "stdout"
+    raw: dict[str, Any] | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """Progress in [0, 1] within the current phase, or None."""
+        if self.step is None or not self.total:
+            return None
+        return max(0.0, min(1.0, self.step / self.total))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def parseLine(line: str, stream: str = "stdout") -> JobEvent:
+    """Parse one output line. Never raises: anything that is not a JSON event becomes a LOG event."""
+    text = line.rstrip("\r\n")
+    stripped = text.strip()
+    if stream == "stdout" and stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("event"), str):
+            try:
+                kind = EventType(data["event"])
+            except ValueError:
+                kind = None
+            if kind is not None and kind is not EventType.LOG:
+                return _eventFromDict(kind, data, stream)
+    return JobEvent(EventType.LOG, message=text, stream=stream)
+
+
+def _eventFromDict(kind: EventType, data: dict[str, Any], stream: str) -> JobEvent:
+    phase = None
+    if isinstance(data.get("phase"), str):
+        try:
+            phase = Phase(data["phase"])
+        except ValueError:
+            phase = None
+    step, total = _number(data.get("step")), _number(data.get("total"))
+    slices = data.get("annotated_slices")
+    labels = data.get("labels")
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return str(value) if value is not None else None
+
+    return JobEvent(
+        type=kind,
+        phase=phase,
+        step=int(step) if step is not None else None,
+        total=int(total) if total is not None else None,
+        loss=_number(data.get("loss")),
+        heldout_dice=_number(data.get("heldout_dice")),
+        eta_s=_number(data.get("eta_s")),
+        elapsed_s=_number(data.get("elapsed_s")),
+        device=text("device"),
+        message=text("message"),
+        model=text("model"),
+        prediction=text("prediction"),
+        path=text("path"),
+        stopped=bool(data["stopped"]) if "stopped" in data else None,
+        annotated_slices=[str(s) for s in slices] if isinstance(slices, list) else None,
+        labels=[entry for entry in labels if isinstance(entry, dict)] if isinstance(labels, list) else None,
+        stream=stream,
+        raw=data,
+    )
+
+
+def formatDuration(seconds: float | None) -> str:
+    """``75`` -> ``"1:15"``, ``3700`` -> ``"1:01:40"``; unknown -> ``"?"``."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def describeProgress(event: JobEvent) -> str:
+    """One status line for a progress event, e.g. ``Fine-tuning 40/200, ETA 0:55, cpu``."""
+    parts = [event.phase.label if event.phase else "Working"]
+    if event.step is not None and event.total:
+        parts[0] += f" {event.step}/{event.total}"
+    if event.loss is not None:
+        parts.append(f"loss {event.loss:.3f}")
+    if event.heldout_dice is not None:
+        parts.append(f"held-out Dice {event.heldout_dice:.2f}")
+    if event.eta_s is not None:
+        parts.append(f"ETA {formatDuration(event.eta_s)}")
+    if event.device:
+        parts.append(event.device)
+    return ", ".join(parts)
