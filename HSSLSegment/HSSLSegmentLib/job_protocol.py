@@ -90,13 +90,14 @@ class JobSpec:
     image: scalar volume file (written by a storage node). labels: sparse annotation, a ``.seg.nrrd``
     or a labelmap on the image grid. segments: names to learn (default all). slices: explicit
     annotated slices such as ``"axial:12"`` (index along the image axis closest to head-foot;
-    default: the engine detects them). model_out: folder to write. init: ``scratch``, ``bundled``
-    or a model folder to warm-start from. time_budget: seconds. steps: optimiser steps.
+    default: the engine detects them). model_out: folder to write. init: ``scratch``,
+    ``bundled[:NAME]`` or a model folder to warm-start from. time_budget: seconds. steps:
+    optimiser steps (the engine uses 180 s when neither is given).
     """
 
     image: str
+    labels: str
     model_out: str
-    labels: str | None = None
     segments: list[str] | None = None
     slices: list[str] | None = None
     prediction_out: str | None = None
@@ -113,23 +114,20 @@ class JobSpec:
         for key in ("image", "labels", "model_out", "prediction_out", "stop_file"):
             value = getattr(self, key)
             if value is None:
-                if key in ("image", "model_out"):
+                if key in ("image", "labels", "model_out"):
                     raise JobSpecError(f"job field '{key}' is required")
                 continue
             if not isinstance(value, str) or not value:
                 raise JobSpecError(f"job field '{key}' must be a non-empty path string")
             if not os.path.isabs(value):
                 raise JobSpecError(f"job field '{key}' must be an absolute path, got '{value}'")
-        predictOnly = self.steps == 0 and self.init not in INIT_KEYWORDS
-        if self.labels is None and not predictOnly:
-            raise JobSpecError("job has no 'labels': fine-tuning needs an annotation (only a prediction "
-                               "with a saved model, steps 0, needs none)")
         if self.prediction_out is not None and not self.prediction_out.lower().endswith(
                 (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")):
             raise JobSpecError(f"job field 'prediction_out' must end with .seg.nrrd, got '{self.prediction_out}'")
-        if self.init not in INIT_KEYWORDS and not os.path.isabs(self.init):
-            raise JobSpecError(f"job field 'init' must be 'scratch', 'bundled' or an absolute model folder, "
-                               f"got '{self.init}'")
+        if not isinstance(self.init, str) or not (
+                self.init in INIT_KEYWORDS or self.init.startswith("bundled:") or os.path.isabs(self.init)):
+            raise JobSpecError(f"job field 'init' must be 'scratch', 'bundled[:NAME]' or an absolute model "
+                               f"folder, got {self.init!r}")
         if self.device not in DEVICES:
             raise JobSpecError(f"job field 'device' must be one of {', '.join(DEVICES)}, got '{self.device}'")
         if self.time_budget is not None:
@@ -138,8 +136,8 @@ class JobSpec:
                 raise JobSpecError(f"job field 'time_budget' must be a positive number of seconds, "
                                    f"got {self.time_budget!r}")
         if self.steps is not None:
-            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-                raise JobSpecError(f"job field 'steps' must be a non-negative integer, got {self.steps!r}")
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise JobSpecError(f"job field 'steps' must be a positive integer, got {self.steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise JobSpecError(f"job field 'seed' must be an integer, got {self.seed!r}")
         for key in ("segments", "slices"):
