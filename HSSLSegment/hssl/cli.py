@@ -1,0 +1,257 @@
+"""The ``hssl`` command line: finetune, predict, evaluate, data, job, demo.
+
+User errors end in one line ``error: <problem>: <fix>`` on stderr and exit code 2 (3 for out of
+memory); no traceback. The interface is stable: other tools script against it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import HSSLError
+
+log = logging.getLogger("hssl")
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="seconds of fine-tuning (default 180 when --steps is not given)")
+    p.add_argument("--steps", type=int, default=None, help="number of training steps")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hssl", description="Few-slice 3D segmentation (HSSLSegment engine)")
+    parser.add_argument("--version", action="version", version=f"hssl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("finetune", help="fine-tune a network on a few annotated slices")
+    p.add_argument("--image", required=True, help="3D volume: .nrrd, .nii(.gz), .mha or a DICOM series folder")
+    p.add_argument("--labels", required=True, help="sparse annotation: labelmap or Slicer .seg.nrrd")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--init", default="scratch", help="scratch | bundled[:NAME] | PATH of a model folder")
+    _budget_args(p)
+    p.add_argument("--slices", nargs="+", default=None, metavar="ORIENT:I[,J]",
+                   help="the annotated slices, e.g. axial:12,30 coronal:40 (default: detect from the labels); "
+                        "list background-only slices here")
+    p.add_argument("--known-mask", default=None, help="explicit known-voxel mask (non-zero = annotated)")
+    p.add_argument("--all-known", action="store_true", help="the labels are complete: every voxel is known")
+    p.add_argument("--names", default=None, help="label names for a labelmap, e.g. 1=tumour,2=liver")
+    p.add_argument("--segments", default=None, help="comma-separated segment names to learn (default all)")
+    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--patch-size", default=None, metavar="Z,Y,X", help="override the derived patch size")
+    p.add_argument("--no-holdout", action="store_true", help="do not hold out a slice for the Dice estimate")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
+    p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
+    p.add_argument("--predict", default=None, metavar="OUT", help="also predict the image into OUT afterwards")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("predict", help="segment a volume with a model folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help=".seg.nrrd (Slicer segmentation) or .nrrd/.nii.gz labelmap")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (0-0.9)")
+    p.add_argument("--sw-batch-size", type=int, default=4)
+    p.add_argument("--probabilities", default=None, metavar="PATH", help="also write foreground probabilities")
+    p.add_argument("--segments", default=None, help="only these segment names (comma-separated)")
+    p.add_argument("--progress-json", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 of a prediction against a reference")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--exclude-annotated", default=None, metavar="LABELS",
+                   help="score only slices not annotated in this sparse annotation")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("data", help="the real sample scans")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    f = dsub.add_parser("fetch", help="download (once) and cache the sample scans")
+    f.add_argument("--source", nargs="+", default=None, help="pyradiomics, totalsegmentator, dipy (default all)")
+    f.add_argument("--force", action="store_true")
+    dsub.add_parser("list", help="list the sample scans and whether they are cached")
+    dsub.add_parser("path", help="print the cache folder")
+
+    p = sub.add_parser("job", help="run a background job described by a JSON file (used by the Slicer module)")
+    p.add_argument("--job", required=True)
+
+    p = sub.add_parser("demo", help="fine-tune on 2-3 slices of a real sample scan and report Dice")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--case", default="lung2", help="sample case: lung1, lung2, brain1, brain2, breast1")
+    p.add_argument("--annotated-slices", type=int, default=3)
+    p.add_argument("--time-budget", type=float, default=150)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="scratch")
+    return parser
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _patch(text: str | None):
+    if not text:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise HSSLError(f"--patch-size '{text}' must be three integers Z,Y,X") from None
+    if len(values) != 3:
+        raise HSSLError(f"--patch-size '{text}' must be three integers Z,Y,X")
+    return values
+
+
+def cmd_finetune(a) -> int:
+    from .finetune import FinetuneOptions
+    from .progress import Progress
+    from .workflow import run_finetune, run_predict
+
+    progress = Progress(json_lines=a.progress_json)
+    a._progress = progress
+    opts = FinetuneOptions(steps=a.steps, time_budget=a.time_budget if (a.time_budget or a.steps) else 180.0,
+                           device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
+                           amp=not a.no_amp, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
+                           stop_file=a.stop_file)
+    opts.validate()
+    if a.predict:
+        from .io import check_output
+        check_output(a.predict, a.overwrite)
+    result = run_finetune(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, names=a.names,
+                          segments=_csv(a.segments), slices=a.slices, known_mask=a.known_mask,
+                          all_known=a.all_known)
+    prediction = None
+    if a.predict:
+        prediction = run_predict(result.model, a.image, a.predict, device=a.device, overwrite=a.overwrite,
+                                 progress=progress)["path"]
+    progress.event("done", stopped=result.stopped, model=a.out, prediction=prediction,
+                   heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .progress import Progress
+    from .workflow import run_predict
+
+    if not 0 <= a.overlap < 1:
+        raise HSSLError(f"--overlap must be in [0, 1) (got {a.overlap})")
+    progress = Progress(json_lines=a.progress_json)
+    a._progress = progress
+    out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
+                      _csv(a.segments), a.overwrite, progress)
+    progress.event("done", stopped=False, prediction=out["path"])
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate
+    from .io import read_labels
+    from .sparse import resolve_annotation
+
+    ref_image = read_image_labels(a.ref)
+    ref = read_labels(a.ref, ref_image)
+    pred = read_labels(a.pred, ref_image)
+    region = None
+    if a.exclude_annotated:
+        sparse = read_labels(a.exclude_annotated, ref_image)
+        region = ~resolve_annotation(sparse.array, ref_image.axis_names()).known
+    # Match labels by value; a .seg.nrrd prediction carries the segment names, so its names win.
+    by_value = {lab.value: lab for lab in ref.labels}
+    by_value.update({lab.value: lab for lab in pred.labels})
+    result = evaluate(pred.array, ref.array, ref_image, [by_value[v] for v in sorted(by_value)], region)
+    result["region"] = "unannotated slices" if region is not None else "whole volume"
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{'label':20s} {'dice':>7s} {'hd95_mm':>9s} {'ref_vox':>9s} {'pred_vox':>9s}   ({result['region']})")
+        for row in result["labels"]:
+            d = "n/a" if row["dice"] is None else f"{row['dice']:.4f}"
+            h = "n/a" if row["hd95_mm"] is None else f"{row['hd95_mm']:.2f}"
+            print(f"{row['name']:20s} {d:>7s} {h:>9s} {row['ref_voxels']:9d} {row['pred_voxels']:9d}")
+        if result["mean_dice"] is not None:
+            print(f"mean Dice {result['mean_dice']:.4f}")
+    return 0
+
+
+def read_image_labels(path: str):
+    """The geometry of a label file (the reference grid for evaluation)."""
+    from pathlib import Path
+
+    from .io import Geometry, _read_sitk
+
+    image, header = _read_sitk(Path(path), "reference")
+    return Geometry.from_sitk(image, header)
+
+
+def cmd_data(a) -> int:
+    from . import data
+
+    if a.data_command == "fetch":
+        for path in data.fetch(a.source, a.force):
+            print(path)
+        return 0
+    if a.data_command == "list":
+        for row in data.describe():
+            print(f"{row['file']:28s} {row['source']:17s} {row['modality']:6s} {'cached' if row['cached'] else '-'}")
+        return 0
+    if a.data_command == "path":
+        print(data.data_dir())
+        return 0
+    raise HSSLError("say what to do with the sample data: hssl data fetch | list | path")
+
+
+def cmd_job(a) -> int:
+    from .job import run_job
+
+    return run_job(a.job, a)
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    return run_demo(a)
+
+
+COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate, "data": cmd_data,
+            "job": cmd_job, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if a.command is None:
+        parser.print_help()
+        return 2
+    a._progress = None
+    try:
+        return COMMANDS[a.command](a)
+    except HSSLError as err:
+        message = str(err)
+        if a._progress is not None:
+            a._progress.close()
+            a._progress.event("error", message=message)
+        print(f"error: {message}", file=sys.stderr)
+        return err.exit_code
+    except MemoryError:
+        message = "host memory ran out: crop the volume, lower --sw-batch-size/--batch-size or close other programs"
+        if a._progress is not None:
+            a._progress.event("error", message=message)
+        print(f"error: {message}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Fine-tuning a segmentation network on a few annotated slices of one volume.
+
+Loop: patches around annotated slices (foreground-balanced) -> MONAI augmentations -> masked
+CE + Dice (unknown voxels weigh zero) -> AdamW with a polynomial decay over the budget (steps or
+seconds, whichever ends first). With 3 or more annotated slices one is held out for the first
+70 % of the budget and scored periodically (``heldout_dice``), then added back for the rest
+(phase ``refine``), so the final model uses every annotation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from .device import is_oom, resolve_device
+from .errors import HSSLError, OutOfMemory
+from .io import Labels, LabelInfo, Volume
+from .losses import MaskedDiceCELoss
+from .model_store import Model, load_model
+from .network import SegNet
+from .normalize import Normalization, for_modality
+from .plan import CPU_PATCH_VOXELS, DEFAULT_PATCH_VOXELS, make_plan
+from .progress import Eta, Progress
+from .sampling import PatchSampler, augmentation
+from .sparse import Annotation, SliceRef, choose_holdout, known_mask
+
+HOLDOUT_FRACTION = 0.7  # share of the budget during which the held-out slice stays out
+EVALS = 6  # held-out evaluations during the hold-out phase
+EVAL_SHARE = 0.1  # at most this share of the training time goes to held-out estimates
+
+
+@dataclasses.dataclass
+class FinetuneOptions:
+    steps: int | None = None
+    time_budget: float | None = None  # seconds of training (evaluation included)
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int = 2
+    lr: float | None = None  # default: 2e-3 from scratch, 5e-4 from a trained model
+    holdout: bool = True
+    amp: bool = True
+    init: str = "scratch"  # scratch | bundled | bundled:NAME | path of a model folder
+    modality: str = "auto"
+    patch_size: Sequence[int] | None = None
+    patch_voxels: int | None = None  # default: smaller on CPU (responsiveness), larger on GPU
+    fg_fraction: float = 0.67
+    stop_file: str | None = None
+
+    def validate(self) -> None:
+        if self.steps is None and self.time_budget is None:
+            raise HSSLError("give a budget: --steps N or --time-budget SECONDS")
+        if self.steps is not None and self.steps < 1:
+            raise HSSLError(f"--steps must be at least 1 (got {self.steps})")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise HSSLError(f"--time-budget must be positive seconds (got {self.time_budget})")
+        if self.batch_size < 1:
+            raise HSSLError(f"--batch-size must be at least 1 (got {self.batch_size})")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    model: Model
+    stopped: bool
+    steps: int
+    seconds: float
+    heldout: str | None
+    heldout_dice: float | None
+    log: list[dict]
+
+
+class StopRequest:
+    """A graceful stop: SIGINT/SIGTERM or the stop file. Checked once per step."""
+
+    def __init__(self, stop_file: str | None):
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.flag = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a GUI worker)
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        if not self.flag and self.stop_file is not None and self.stop_file.exists():
+            self.flag = True
+        return self.flag
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def bundled_model_dir(name: str = "default") -> Path:
+    """Where pretrained models ship inside the extension (``HSSLSegment/Resources/Models/NAME``)."""
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / name
+
+
+def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalization: Normalization,
+                  opts: FinetuneOptions, progress: Progress, device: torch.device) -> tuple[SegNet, bool]:
+    """Build the network to fine-tune. Returns (net, pretrained?)."""
+    n_out = len(labels) + 1
+    if init == "scratch":
+        spacing = tuple(reversed(volume.geometry.spacing))
+        voxels = opts.patch_voxels or (CPU_PATCH_VOXELS if device.type == "cpu" else DEFAULT_PATCH_VOXELS)
+        plan = make_plan(spacing, volume.array.shape, voxels, opts.patch_size)
+        return SegNet(plan, n_out), False
+    if init == "bundled" or init.startswith("bundled:"):
+        name = init.partition(":")[2] or "default"
+        folder = bundled_model_dir(name)
+        if not (folder / "model.json").exists():
+            raise HSSLError(f"no pretrained model '{name}' is bundled with this version: use --init scratch "
+                            "(or --init PATH of a model folder)")
+    else:
+        folder = Path(init)
+    source = load_model(folder)
+    net = source.net
+    if source.normalization.scheme != normalization.scheme:
+        progress.log(f"note: the initial model used '{source.normalization.scheme}' normalisation; "
+                     f"this volume uses '{normalization.scheme}'")
+    same = [lab.name for lab in source.labels] == [lab.name for lab in labels]
+    if not same:
+        # Keep the learned body, start a fresh classifier for this label set.
+        head = SegNet(net.plan, n_out).head
+        net.head = head
+        net.out_channels = n_out
+        progress.log(f"initial model '{folder}' has labels {[lab.name for lab in source.labels]}; a new "
+                     f"classifier head is trained for {[lab.name for lab in labels]}")
+    return net, True
+
+
+def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: FinetuneOptions,
+             progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune on ``volume`` with the sparse ``labels`` whose known voxels are ``annotation.known``."""
+    opts.validate()
+    progress = progress or Progress(json_lines=False)
+    seed_everything(opts.seed)
+    device = resolve_device(opts.device)
+    if not any(int(v) > 0 for v in np.unique(labels.array[annotation.known])):
+        raise HSSLError("the annotated slices contain no foreground label: paint the structure on at least "
+                        "one slice")
+    present = set(int(v) for v in np.unique(labels.array) if v)
+    table = [lab for lab in labels.labels if lab.value in present]
+    if not table:
+        raise HSSLError("the labels have no annotated voxel: paint the structure on at least one slice")
+    missing = [lab.name for lab in labels.labels if lab.value not in present]
+    if missing:
+        progress.log(f"note: segment(s) {missing} have no painted voxel and are left out")
+    # Network classes are 1..N in table order; remap label values onto them.
+    lut = np.zeros(int(labels.array.max()) + 1, dtype=np.uint8)
+    for n, lab in enumerate(table, start=1):
+        lut[lab.value] = n
+    target = lut[labels.array]
+    normalization = for_modality(opts.modality, volume.array)
+    image = normalization.apply(volume.array)
+
+    net, pretrained = initial_model(opts.init, volume, table, normalization, opts, progress, device)
+    plan = net.plan
+    holdout = choose_holdout(target, annotation.slices) if opts.holdout and annotation.slices else None
+    names = volume.geometry.axis_names()
+    train_known = annotation.known
+    holdout_region = None
+    if holdout is not None:
+        train_known = known_mask(target.shape, [s for s in annotation.slices if s != holdout])
+        holdout_region = known_mask(target.shape, [holdout]) & ~train_known
+        holdout_region &= _box_around((target > 0) & train_known, plan.patch_size)
+
+    net.to(device).train()
+    lr = opts.lr if opts.lr is not None else (5e-4 if pretrained else 2e-3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    loss_fn = MaskedDiceCELoss()
+    use_amp = opts.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    rng = np.random.default_rng(opts.seed)
+    sampler = PatchSampler(image, target, train_known, plan.patch_size, rng, opts.fg_fraction)
+    augment = augmentation(plan.spacing, plan.patch_size, opts.seed)
+    batch_size = opts.batch_size
+
+    progress.event("start", device=device.type, phase="finetune",
+                   annotated_slices=[s.name(names) for s in annotation.slices],
+                   heldout=holdout.name(names) if holdout else None,
+                   labels=[lab.to_json() for lab in table], plan=plan.to_json(), init=opts.init)
+    progress.log(f"fine-tuning on {device.type}: {len(annotation.slices)} annotated slice(s) "
+                 f"{[s.name(names) for s in annotation.slices]}, patch {plan.patch_size}, "
+                 f"held out: {holdout.name(names) if holdout else 'none'}")
+
+    history: list[dict] = []
+    step, stopped, heldout_dice, eval_seconds = 0, False, None, 0.0
+    eta = Eta()
+    next_eval = 1.0 / (EVALS + 1) * HOLDOUT_FRACTION
+    phase = "finetune"
+    with StopRequest(opts.stop_file) as stop:
+        while True:
+            fraction = _fraction(step, eta.elapsed(), opts)
+            if fraction >= 1.0:
+                break
+            if stop.requested():
+                stopped = True
+                progress.log("stop requested: saving the model trained so far")
+                break
+            if holdout is not None and phase == "finetune":
+                if fraction >= next_eval:
+                    # Estimates are skipped while they would take more than EVAL_SHARE of the time so far.
+                    if eval_seconds <= EVAL_SHARE * eta.elapsed():
+                        t_eval = time.monotonic()
+                        heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
+                        eval_seconds += time.monotonic() - t_eval
+                        net.train()
+                    next_eval += HOLDOUT_FRACTION / (EVALS + 1)
+                if fraction >= HOLDOUT_FRACTION:
+                    heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
+                    net.train()
+                    phase = "refine"
+                    sampler = PatchSampler(image, target, annotation.known, plan.patch_size, rng, opts.fg_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 - fraction) ** 0.9
+            batch = [augment(sampler.sample()) for _ in range(batch_size)]
+            x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
+            y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).to(device)
+            k = torch.stack([torch.as_tensor(b["known"]) for b in batch]).to(device)
+            try:
+                with torch.autocast(device_type=device.type, enabled=use_amp):
+                    logits = net(x)
+                loss = loss_fn(logits, y, k)
+                if not torch.isfinite(loss):
+                    raise HSSLError(f"the loss became {loss.item()} at step {step}: lower --lr or check the "
+                                    "image intensities")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+                scaler.step(optimizer)
+                scaler.update()
+            except (RuntimeError, MemoryError) as err:
+                if not (isinstance(err, MemoryError) or is_oom(err)):
+                    raise
+                batch_size, device = _after_oom(batch_size, device, net, progress)
+                optimizer = _move_optimizer(optimizer, net, device)
+                use_amp = use_amp and device.type == "cuda"
+                continue
+            step += 1
+            fraction = _fraction(step, eta.elapsed(), opts)
+            total = opts.steps if opts.steps is not None else max(step, int(round(step / max(fraction, 1e-9))))
+            record = {"step": step, "loss": float(loss.item()), "heldout_dice": heldout_dice,
+                      "elapsed_s": round(eta.elapsed(), 2), "phase": phase}
+            history.append(record)
+            progress.update(phase, step, total, loss=record["loss"], heldout_dice=heldout_dice,
+                            eta_s=eta.remaining(fraction), elapsed_s=eta.elapsed(), device=device.type)
+    if holdout is not None and phase == "finetune" and step > 0:
+        heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
+    progress.close()
+    net.eval()
+    seconds = eta.elapsed()
+    if step == 0:
+        raise HSSLError("fine-tuning stopped before the first step: nothing was saved; give a larger budget")
+    progress.log(f"{step} steps in {seconds:.1f} s ({step / max(seconds, 1e-9):.2f} steps/s)"
+                 + (f", held-out Dice {heldout_dice:.3f} on {holdout.name(names)}" if heldout_dice is not None else ""))
+    meta = {
+        "training": {
+            "steps": step, "seconds": round(seconds, 1), "device": device.type, "seed": opts.seed,
+            "init": opts.init, "lr": lr, "batch_size": batch_size, "stopped": stopped,
+            "annotated_slices": [s.name(names) for s in annotation.slices], "annotation": annotation.source,
+            "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
+            "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
+            "log": history[:: max(1, len(history) // 200)],
+        }
+    }
+    model = Model(net.to("cpu"), table, normalization, meta)
+    return FinetuneResult(model, stopped, step, seconds, holdout.name(names) if holdout else None,
+                          heldout_dice, history)
+
+
+def _fraction(step: int, elapsed: float, opts: FinetuneOptions) -> float:
+    parts = []
+    if opts.steps is not None:
+        parts.append(step / opts.steps)
+    if opts.time_budget is not None:
+        parts.append(elapsed / opts.time_budget)
+    return max(parts)
+
+
+def _after_oom(batch_size: int, device: torch.device, net: SegNet, progress: Progress):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if batch_size > 1:
+        progress.log(f"out of memory on {device.type} with batch {batch_size}: retrying with batch {batch_size // 2}")
+        return batch_size // 2, device
+    if device.type != "cpu":
+        progress.log(f"out of memory on {device.type} even with batch 1: continuing on the CPU (slower)")
+        net.to("cpu")
+        return 1, torch.device("cpu")
+    raise OutOfMemory("host memory ran out even with batch 1: close other programs or use a smaller "
+                      "--patch-size")
+
+
+def _move_optimizer(optimizer, net, device):
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = value.to(device)
+    return optimizer
+
+
+def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef, region: np.ndarray,
+               plan, device: torch.device, use_amp: bool) -> float | None:
+    """Mean foreground Dice on the held-out slice, predicting only a patch-thick slab around it."""
+    axis, index = ref.axis, ref.index
+    half = plan.patch_size[axis] // 2
+    sl = [slice(None)] * 3
+    sl[axis] = slice(max(0, index - half), min(image.shape[axis], index + half + 1))
+    # Only the part of the slice near the annotated structures is predicted (see _box_around).
+    for a in range(3):
+        if a != axis:
+            hit = np.nonzero(region.any(axis=tuple(b for b in range(3) if b != a)))[0]
+            if hit.size == 0:
+                return None
+            sl[a] = slice(int(hit[0]), int(hit[-1]) + 1)
+    lo = sl[axis].start
+    slab = torch.from_numpy(np.ascontiguousarray(image[tuple(sl)]))[None, None].to(device)
+    net.eval()
+    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=use_amp):
+        logits = sliding_window_inference(slab, plan.patch_size, 4, net, overlap=0.25, padding_mode="replicate")
+    pred = logits[0].argmax(0).to("cpu").numpy()
+    take = [slice(None)] * 3
+    take[axis] = index - lo
+    pred, ref_labels, mask = pred[tuple(take)], target[tuple(sl)][tuple(take)], region[tuple(sl)][tuple(take)]
+    scores = []
+    for c in np.unique(np.concatenate([np.unique(ref_labels[mask]), np.unique(pred[mask])])):
+        if c == 0:
+            continue
+        p, r = (pred == c) & mask, (ref_labels == c) & mask
+        scores.append(2.0 * np.count_nonzero(p & r) / max(np.count_nonzero(p) + np.count_nonzero(r), 1))
+    return float(np.mean(scores)) if scores else None
+
+
+def _box_around(mask: np.ndarray, patch) -> np.ndarray:
+    """Boolean box covering ``mask``'s bounding box grown by one patch on each side.
+
+    The held-out estimate is computed inside it: far-away false positives are not counted, which
+    keeps the estimate cheap enough to run during training (the estimate is documented as local).
+    """
+    box = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return box
+    sl = []
+    for a in range(3):
+        hit = np.nonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[0]
+        sl.append(slice(max(0, int(hit[0]) - patch[a]), min(mask.shape[a], int(hit[-1]) + patch[a] + 1)))
+    box[tuple(sl)] = True
+    return box

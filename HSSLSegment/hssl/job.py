@@ -1,0 +1,64 @@
+"""The Slicer background job: ``python -m hssl job --job job.json`` (see docs/job-protocol.md).
+
+Fine-tunes, saves the model folder, optionally predicts; progress as JSON lines on stdout.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import HSSLError
+from .finetune import FinetuneOptions
+from .progress import Progress
+
+KEYS = {"image", "labels", "segments", "slices", "model_out", "prediction_out", "init", "time_budget", "steps",
+        "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size"}
+REQUIRED = {"image", "labels", "model_out"}
+
+
+def read_job(path: str) -> dict:
+    try:
+        job = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HSSLError(f"job file '{path}' does not exist") from None
+    except (OSError, ValueError) as err:
+        raise HSSLError(f"job file '{path}' is not valid JSON ({err})") from None
+    if not isinstance(job, dict):
+        raise HSSLError(f"job file '{path}' must hold a JSON object")
+    unknown = sorted(set(job) - KEYS)
+    if unknown:
+        raise HSSLError(f"job file '{path}' has unknown key(s) {unknown}: allowed keys are {sorted(KEYS)}")
+    missing = sorted(REQUIRED - set(job))
+    if missing:
+        raise HSSLError(f"job file '{path}' lacks the key(s) {missing}")
+    return job
+
+
+def run_job(path: str, args=None) -> int:
+    from .workflow import run_finetune, run_predict
+
+    progress = Progress(json_lines=True, bar=False)
+    if args is not None:
+        args._progress = progress
+    job = read_job(path)
+    budget = job.get("time_budget")
+    opts = FinetuneOptions(steps=job.get("steps"), time_budget=budget if (budget or job.get("steps")) else 180.0,
+                           device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
+                           init=job.get("init", "scratch"), stop_file=job.get("stop_file"),
+                           modality=job.get("modality", "auto"), batch_size=int(job.get("batch_size", 2)))
+    opts.validate()
+    overwrite = bool(job.get("overwrite", False))
+    prediction = job.get("prediction_out")
+    if prediction:
+        from .io import check_output
+        check_output(prediction, overwrite)
+    progress.update("prepare", 0, 1, device=opts.device)
+    result = run_finetune(job["image"], job["labels"], job["model_out"], opts, progress, overwrite=overwrite,
+                          names=job.get("names"), segments=job.get("segments"), slices=job.get("slices"),
+                          known_mask=job.get("known_mask"))
+    if prediction:
+        run_predict(result.model, job["image"], prediction, device=opts.device, overwrite=overwrite,
+                    progress=progress)
+    progress.event("done", stopped=result.stopped, model=job["model_out"], prediction=prediction,
+                   heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
+    return 0

@@ -1,0 +1,80 @@
+"""Training patches from a sparsely annotated volume.
+
+Every patch is centred (with jitter) on a known voxel, so every patch contains annotated voxels;
+with probability ``fg_fraction`` the centre is a foreground voxel of a class chosen uniformly, so
+small structures are not drowned by background. Augmentations come from MONAI and respect
+anisotropy: flips and 90-degree rotations only act in the plane of comparable spacing.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from monai.data import set_track_meta
+from monai.transforms import (Compose, RandFlipd, RandGaussianNoised, RandRotate90d, RandScaleIntensityd,
+                              RandShiftIntensityd)
+
+MAX_CENTRES = 1_000_000  # candidate centres kept per class (sub-sampled beyond this)
+
+
+class PatchSampler:
+    """``image`` float32, ``target`` integer classes, ``known`` bool: all ``[z, y, x]`` of one volume."""
+
+    def __init__(self, image: np.ndarray, target: np.ndarray, known: np.ndarray, patch: Sequence[int],
+                 rng: np.random.Generator, fg_fraction: float = 0.67):
+        self.patch = np.asarray(patch, dtype=int)
+        pad = [(0, max(0, int(p) - s)) for p, s in zip(self.patch, image.shape)]
+        # Padding is unknown (known=False), so it never counts in the loss.
+        self.image = np.pad(image, pad, constant_values=float(image.min())) if any(p[1] for p in pad) else image
+        self.target = np.pad(target, pad) if any(p[1] for p in pad) else target
+        self.known = np.pad(known, pad) if any(p[1] for p in pad) else known
+        self.rng = rng
+        self.fg_fraction = fg_fraction
+        self.known_idx = self._subsample(np.flatnonzero(self.known))
+        flat_target = self.target.reshape(-1)
+        known_fg = flat_target[self.known_idx]
+        self.fg_idx = {int(c): self.known_idx[known_fg == c] for c in np.unique(known_fg) if c != 0}
+
+    def _subsample(self, idx: np.ndarray) -> np.ndarray:
+        if idx.size > MAX_CENTRES:
+            idx = np.sort(self.rng.choice(idx, MAX_CENTRES, replace=False))
+        return idx
+
+    def centre(self) -> np.ndarray:
+        if self.fg_idx and self.rng.random() < self.fg_fraction:
+            cls = list(self.fg_idx)[self.rng.integers(len(self.fg_idx))]
+            pool = self.fg_idx[cls]
+        else:
+            pool = self.known_idx
+        return np.array(np.unravel_index(pool[self.rng.integers(pool.size)], self.image.shape))
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """One patch: ``image`` (1, Z, Y, X) float32, ``label`` (1, Z, Y, X) int64, ``known`` (1, Z, Y, X) float32."""
+        c = self.centre()
+        jitter = self.rng.integers(-(self.patch // 4), self.patch // 4 + 1)
+        start = np.clip(c - self.patch // 2 + jitter, 0, np.array(self.image.shape) - self.patch)
+        # The jitter must not push the chosen voxel out of the patch.
+        start = np.clip(start, c - self.patch + 1, c)
+        sl = tuple(slice(int(s), int(s + p)) for s, p in zip(start, self.patch))
+        return {"image": self.image[sl][None].astype(np.float32),
+                "label": self.target[sl][None].astype(np.int64),
+                "known": self.known[sl][None].astype(np.float32)}
+
+
+def augmentation(spacing_zyx: Sequence[float], patch: Sequence[int], seed: int) -> Compose:
+    """Random flips/rotations in the in-plane axes, intensity scale/shift and noise."""
+    set_track_meta(False)
+    keys = ["image", "label", "known"]
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    fine = [a for a in range(3) if spacing[a] <= 2 * spacing.min()]
+    transforms = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in fine]
+    if len(fine) >= 2:
+        a, b = fine[-2], fine[-1]
+        if np.isclose(spacing[a], spacing[b], rtol=0.05) and patch[a] == patch[b]:
+            transforms.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(a, b)))
+    transforms += [RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                   RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+                   RandGaussianNoised("image", prob=0.3, std=0.02)]
+    compose = Compose(transforms)
+    compose.set_random_state(seed=seed)
+    return compose

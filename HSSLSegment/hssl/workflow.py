@@ -1,0 +1,149 @@
+"""The user-level operations shared by the CLI, the Slicer job and the demo: files in, files out."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .device import resolve_device
+from .errors import HSSLError
+from .finetune import FinetuneOptions, FinetuneResult, finetune
+from .io import (Labels, Volume, check_output, read_image, read_labels, write_labelmap, write_prediction)
+from .model_store import Model, load_model, save_model
+from .predict import predict_array
+from .progress import Eta, Progress
+from .sparse import Annotation, resolve_annotation
+
+BYTES_PER_VOXEL = 16  # raw + normalised float32 + labels + masks + working copies, measured loosely
+
+
+def check_memory(volume_path: str, voxels: int) -> None:
+    """Refuse volumes that cannot fit in memory, before any big allocation."""
+    need = voxels * BYTES_PER_VOXEL
+    available = _available_memory()
+    if available is not None and need > available:
+        raise HSSLError(f"'{volume_path}' has {voxels / 1e6:.0f} M voxels and needs about {need / 2**30:.1f} GiB "
+                        f"but only {available / 2**30:.1f} GiB of memory is free: crop or downsample the volume, "
+                        "or close other programs")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parse_names(text: str | None) -> dict[int, str] | None:
+    """``"1=tumour,2=liver"`` -> {1: "tumour", 2: "liver"}."""
+    if not text:
+        return None
+    names = {}
+    for part in text.split(","):
+        value, sep, name = part.partition("=")
+        if not sep or not name.strip():
+            raise HSSLError(f"--names entry '{part}' must look like VALUE=NAME, e.g. 1=tumour")
+        try:
+            names[int(value)] = name.strip()
+        except ValueError:
+            raise HSSLError(f"--names entry '{part}': the label value must be an integer") from None
+    return names
+
+
+def select_segments(labels: Labels, segments: Sequence[str] | None) -> Labels:
+    """Keep only the named segments; voxels of other segments become background."""
+    if not segments:
+        return labels
+    by_name = {lab.name: lab for lab in labels.labels}
+    unknown = [s for s in segments if s not in by_name]
+    if unknown:
+        raise HSSLError(f"segment(s) {unknown} are not in the labels (they have {list(by_name)}): check the names")
+    keep = [by_name[s] for s in segments]
+    array = np.where(np.isin(labels.array, [lab.value for lab in keep]), labels.array, 0).astype(labels.array.dtype)
+    return Labels(array, keep, labels.path)
+
+
+def load_inputs(image: str, labels: str, names: str | None = None, segments: Sequence[str] | None = None,
+                slices: Sequence[str] | None = None, known_mask: str | None = None,
+                all_known: bool = False) -> tuple[Volume, Labels, Annotation]:
+    volume = read_image(image)
+    check_memory(image, volume.array.size)
+    lab = select_segments(read_labels(labels, volume.geometry, parse_names(names)), segments)
+    mask = None
+    if known_mask:
+        mask = read_labels(known_mask, volume.geometry).array > 0
+    annotation = resolve_annotation(lab.array, volume.geometry.axis_names(), slices, mask, all_known)
+    return volume, lab, annotation
+
+
+def run_finetune(image: str, labels: str, out: str, opts: FinetuneOptions, progress: Progress,
+                 overwrite: bool = False, **inputs) -> FinetuneResult:
+    """Fine-tune and save the model folder ``out`` (also after a graceful stop)."""
+    if Path(out).exists() and not overwrite:
+        raise HSSLError(f"model folder '{out}' already exists: pass --overwrite or choose another folder")
+    check_output(out, overwrite=True, what="model folder")
+    volume, lab, annotation = load_inputs(image, labels, **inputs)
+    result = finetune(volume, lab, annotation, opts, progress)
+    progress.update("save", 0, 1)
+    save_model(out, result.model.net, result.model.labels, result.model.normalization, result.model.meta,
+               overwrite=overwrite)
+    result.model.path = str(out)
+    progress.event("saved", model=str(out))
+    progress.log(f"model saved to {out}")
+    return result
+
+
+def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float = 0.25,
+                sw_batch_size: int = 4, probabilities: str | None = None, segments: Sequence[str] | None = None,
+                overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry."""
+    progress = progress or Progress()
+    check_output(out, overwrite)
+    if probabilities:
+        check_output(probabilities, overwrite, "probabilities output")
+    dev = resolve_device(device)
+    if not isinstance(model, Model):
+        model = load_model(model, dev)
+    if segments:
+        have = [lab.name for lab in model.labels]
+        missing = [s for s in segments if s not in have]
+        if missing:
+            raise HSSLError(f"the model was trained on segments {have}, not {missing}: fine-tune a model for "
+                            "those segments or pick another model")
+    volume = read_image(image)
+    check_memory(image, volume.array.size)
+    eta = Eta()
+    x = model.normalization.apply(volume.array)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update("predict", done, total, eta_s=eta.remaining(done / max(total, 1)), device=dev.type)
+
+    classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, probabilities=bool(probabilities),
+                                   on_progress=on_progress)
+    progress.close()
+    # Network classes 1..N map back to the model's label values.
+    lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)
+    labels = lut[classes]
+    if segments:
+        keep = [lab.value for lab in model.labels if lab.name in segments]
+        labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
+    chosen = [lab for lab in model.labels if not segments or lab.name in segments]
+    write_prediction(out, labels, volume.geometry, chosen, overwrite)
+    if probabilities and probs is not None:
+        write_labelmap(probabilities, np.moveaxis(probs[1:].astype(np.float32), 0, -1)
+                       if probs.shape[0] > 2 else probs[1].astype(np.float32), volume.geometry, overwrite)
+    seconds = eta.elapsed()
+    progress.event("prediction", path=str(out), seconds=round(seconds, 2))
+    progress.log(f"prediction written to {out} ({seconds:.1f} s on {dev.type})")
+    return {"path": str(out), "seconds": seconds, "labels": labels, "geometry": volume.geometry,
+            "label_table": chosen}
