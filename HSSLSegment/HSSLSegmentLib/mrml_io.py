@@ -501,6 +501,16 @@ def _setSegmentMask(segmentationNode, segmentId: str, mask: np.ndarray, scratch:
     scratch.scene.RemoveNode(labelmap)
 
 
+def setSegmentMask(segmentationNode, segment: str, mask: np.ndarray, volumeNode) -> None:
+    """Replace one segment's voxels (id or name) by a boolean ``[k, j, i]`` mask on the volume grid."""
+    (sid,) = resolveSegmentIds(segmentationNode, [segment])
+    scratch = _ScratchScene(volumeNode)
+    try:
+        _setSegmentMask(segmentationNode, sid, np.asarray(mask, dtype=bool), scratch)
+    finally:
+        scratch.close()
+
+
 def copySegmentsToAnnotation(predictionNode, annotationNode, volumeNode, segments: Iterable[str] | None = None,
                              keepAnnotatedSlices: bool = True, extraSlices: str | Sequence[str] = ()) -> list[str]:
     """Copy predicted segments into the annotation segmentation so the user can correct them.

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -41,6 +42,8 @@ class JobOutcome:
     model: ModelInfo | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     annotatedSlices: list[str] = dataclasses.field(default_factory=list)
+    volumeNode: object | None = None  # the volume that was segmented
+    log: list[str] = dataclasses.field(default_factory=list)  # the job's last output lines
 
     @property
     def ok(self) -> bool:
@@ -239,7 +242,8 @@ class SegmentationJobs:
         self._context = None
         result = context.job.result
         outcome = JobOutcome(context.kind, result, warnings=list(context.warnings),
-                             annotatedSlices=context.annotatedSlices)
+                             annotatedSlices=context.annotatedSlices, volumeNode=context.volumeNode,
+                             log=list(context.job.logTail)[-200:])
         try:
             if result.ok:
                 modelPath = result.model or (str(context.modelOut) if context.modelOut else None)
@@ -289,6 +293,26 @@ class SegmentationJobs:
             self._context.job.requestStop()
         else:
             self._context.job.kill()
+
+    def probeDevice(self, device: str = "auto", timeoutS: float = 120.0) -> str:
+        """Which device the engine would use for ``device`` (imports torch in a child process, so it
+        takes seconds: call it only on an explicit user action). Returns e.g. ``"cuda"`` or an
+        ``"error: ..."`` line."""
+        code = ("import sys\n"
+                "from hssl.device import resolve_device\n"
+                "from hssl.errors import HSSLError\n"
+                "try:\n    print(resolve_device(sys.argv[1]))\n"
+                "except HSSLError as err:\n    print('error: ' + str(err))\n")
+        try:
+            done = subprocess.run([self.pythonExecutable, "-c", code, device], env=self.environment(device),
+                                  capture_output=True, text=True, timeout=timeoutS, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"error: cannot run the engine ({err})"
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"error: {tail}"
+        return lines[-1].strip()
 
     def shutdown(self, graceS: float = 5.0) -> None:
         """Stop any running job and remove its files (scene close, application exit)."""
