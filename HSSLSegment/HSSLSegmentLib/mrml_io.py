@@ -144,7 +144,7 @@ def checkScalarVolume(volumeNode) -> None:
         raise InputError(f"Volume '{name}' has {components} values per voxel (RGB or vector image): "
                          "convert it to a scalar volume first (Vector to Scalar Volume module).")
     dims = image.GetDimensions()
-    if sorted(dims)[1] < 2:
+    if min(dims) < 2:
         raise InputError(f"Volume '{name}' is {dims[0]}x{dims[1]}x{dims[2]}: a 3D volume of several "
                          "slices is needed.")
 
