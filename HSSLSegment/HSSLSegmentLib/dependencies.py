@@ -20,6 +20,7 @@ PIP_REQUIREMENTS = (
     ("numpy", "numpy", "1.24"),
     ("SimpleITK", "SimpleITK", "2.3"),
     ("slicerio", "slicerio", "1.0"),
+    ("nibabel", "nibabel", "4.0"),
     ("safetensors", "safetensors", "0.4"),
     ("tqdm", "tqdm", "4.60"),
 )
