@@ -619,7 +619,7 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
     def finetune(self, volumeNode, segmentationNode, segments=None, init: str = "scratch",
                  timeBudgetS: Optional[float] = 120.0, steps: Optional[int] = None, device: str = "auto",
                  seed: int = 0, backgroundSlices: str = "", predict: bool = True, modelOut: Optional[str] = None,
-                 predictionTarget=None, waitForCompletion: bool = True):
+                 overwrite: bool = False, predictionTarget=None, waitForCompletion: bool = True):
         """Fine-tune on the painted slices of ``segmentationNode`` (and predict ``volumeNode``).
 
         init: 'scratch', 'bundled[:NAME]' or a model folder (warm start). With ``waitForCompletion``
@@ -628,7 +628,8 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
         """
         self.jobs.startFinetune(volumeNode, segmentationNode, segments=segments, init=init, timeBudgetS=timeBudgetS,
                                 steps=steps, device=device, seed=seed, backgroundSlices=backgroundSlices,
-                                predict=predict, modelOut=modelOut, predictionTarget=predictionTarget)
+                                predict=predict, modelOut=modelOut, overwrite=overwrite,
+                                predictionTarget=predictionTarget)
         return self._wait() if waitForCompletion else self.jobs.job
 
     def predict(self, volumeNode, model, segments=None, device: str = "auto", annotationNode=None,

@@ -258,6 +258,85 @@ class _ScratchScene:
         self.scene.Clear(True)
 
 
+# ---------------------------------------------------------------------------------- files
+
+def loadVolumeFile(scene, path: str | os.PathLike, name: str | None = None):
+    """Read a scalar volume file (NRRD, NIfTI, MHA...) into a new node of ``scene``; headless
+    scripts use it where ``slicer.util.loadVolume`` (which needs the application) is unavailable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Volume file '{path}' does not exist: check the path.")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"Cannot read volume '{path}': is it a complete NRRD, NIfTI or MHA file?")
+    try:
+        checkScalarVolume(node)
+    except InputError:
+        scene.RemoveNode(node)
+        raise
+    return node
+
+
+def loadSegmentationFile(scene, path: str | os.PathLike, volumeNode, names: dict[int, str] | None = None,
+                         name: str | None = None):
+    """Read a ``.seg.nrrd`` or a labelmap file (0 = background) into a new segmentation node.
+
+    For a labelmap, ``names`` maps label values to segment names (default ``Label_<value>``).
+    """
+    registerSegmentationConverters()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Annotation file '{path}' does not exist: check the path.")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or _stem(path))
+    if path.name.lower().endswith(".seg.nrrd"):
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(path))
+        ok = storage.ReadData(node)
+    else:
+        labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+        scratch = slicer.vtkMRMLScene()
+        scratch.AddNode(labelmap)
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        ok = storage.ReadData(labelmap)
+        if ok:
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
+        scratch.Clear(True)
+        segmentation = node.GetSegmentation()
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            value = segment.GetLabelValue()
+            segment.SetName((names or {}).get(value, f"Label_{value}"))
+    if not ok:
+        scene.RemoveNode(node)
+        raise InputError(f"Cannot read the annotation '{path}': use a Slicer .seg.nrrd or a labelmap (.nrrd, .nii.gz).")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def saveSegmentationFile(segmentationNode, path: str | os.PathLike) -> Path:
+    """Write a segmentation node as a ``.seg.nrrd`` (without attaching the storage node)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(segmentationNode) or not path.exists():
+        raise InputError(f"Cannot write '{path}': check the folder is writable and has free space.")
+    return path
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
 # ---------------------------------------------------------------------------------- export
 
 def writeVolume(volumeNode, path: str | os.PathLike, compress: bool = False) -> Path:

@@ -145,3 +145,40 @@ def test_engine_error_is_surfaced(tmp_path):
     assert result.state is JobState.FAILED and result.exitCode == 2
     assert "missing.nrrd" in result.errorMessage and "does not exist" in result.errorMessage
     assert result.errorMessage.endswith("(input error)") and "\n" not in result.errorMessage
+
+
+def test_headless_example_script_under_plain_python(tmp_path, scene):
+    """scripts/slicer_finetune_example.py with a plain interpreter (slicer-core): a labelmap with
+    named values in, a model folder and a .seg.nrrd out; bad input exits 2 with one line."""
+    import subprocess
+
+    from slicer_test_helpers import REPO
+
+    image, ball = ballVolume((16, 24, 28))
+    volume = addVolume(scene, image)
+    mrml_io.writeVolume(volume, tmp_path / "image.nrrd", compress=True)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labelmap.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labelmap, sparse(ball, 0, [5, 8, 11]).astype(np.uint8) * 3)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(tmp_path / "labels.nrrd"))
+    assert storage.WriteData(labelmap)
+    script = REPO / "scripts" / "slicer_finetune_example.py"
+    command = [sys.executable, str(script), "--", "--image", str(tmp_path / "image.nrrd"), "--labels",
+               str(tmp_path / "labels.nrrd"), "--names", "3=ball", "--out", str(tmp_path / "out"), "--steps", "3",
+               "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "prediction:" in done.stdout
+    assert readModelInfo(tmp_path / "out" / "model").segmentNames == ["ball"]
+    prediction = mrml_io.loadSegmentationFile(scene, tmp_path / "out" / "prediction.seg.nrrd", volume)
+    assert [name for _sid, name in mrml_io.segmentIdsAndNames(prediction)] == ["ball"]
+    assert mrml_io.segmentationMatchesVolume(prediction, volume)[0]
+    # the model folder exists now: refused without --overwrite
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    missing = subprocess.run([sys.executable, str(script), "--image", str(tmp_path / "nope.nrrd"), "--labels",
+                              str(tmp_path / "labels.nrrd"), "--out", str(tmp_path / "o2")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "nope.nrrd' does not exist" in missing.stderr

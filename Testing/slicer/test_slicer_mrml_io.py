@@ -218,3 +218,31 @@ def test_training_chart_nodes(scene):
     assert reused.tableNode is chart.tableNode
     reused.clear()
     assert chart.points() == []
+
+
+def test_file_helpers_for_headless_scripts(tmp_path, twoSegments, scene):
+    volume, annotation, tumour, liver = twoSegments
+    mrml_io.writeVolume(volume, tmp_path / "image.nrrd")
+    mrml_io.saveSegmentationFile(annotation, tmp_path / "annotation.seg.nrrd")
+    loaded = mrml_io.loadVolumeFile(scene, tmp_path / "image.nrrd")
+    assert loaded.GetName() == "image"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), slicer.util.arrayFromVolume(volume))
+    np.testing.assert_allclose(mrml_io.ijkToRas(loaded), mrml_io.ijkToRas(volume), atol=1e-9)
+    segmentation = mrml_io.loadSegmentationFile(scene, tmp_path / "annotation.seg.nrrd", loaded)
+    assert [n for _sid, n in mrml_io.segmentIdsAndNames(segmentation)] == ["tumour", "liver"]
+    np.testing.assert_array_equal(mrml_io.segmentMask(segmentation, "liver", loaded), liver)
+    # a labelmap file with named values
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labels.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labels, (tumour * 4).astype(np.uint8))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(tmp_path / "labels.nrrd"))
+    assert storage.WriteData(labels)
+    fromLabelmap = mrml_io.loadSegmentationFile(scene, tmp_path / "labels.nrrd", loaded, names={4: "tumour"})
+    assert [n for _sid, n in mrml_io.segmentIdsAndNames(fromLabelmap)] == ["tumour"]
+    np.testing.assert_array_equal(mrml_io.segmentMask(fromLabelmap, "tumour", loaded), tumour)
+    with pytest.raises(mrml_io.InputError, match="does not exist"):
+        mrml_io.loadVolumeFile(scene, tmp_path / "nope.nrrd")
+    (tmp_path / "broken.nrrd").write_text("NRRD0004\ntype: nonsense\n")
+    with pytest.raises(mrml_io.InputError, match="Cannot read volume"):
+        mrml_io.loadVolumeFile(scene, tmp_path / "broken.nrrd")
