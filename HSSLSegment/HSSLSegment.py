@@ -13,7 +13,6 @@ import shutil
 import sys
 from typing import Annotated, Optional
 
-import ctk
 import qt
 import vtk
 
@@ -27,7 +26,7 @@ from slicer import (vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmen
 from HSSLSegmentLib import dependencies, mrml_io
 from HSSLSegmentLib.job_protocol import DEVICES, EventType, Phase, describeProgress, formatDuration
 from HSSLSegmentLib.model_registry import ModelError, ModelRegistry, readModelInfo
-from HSSLSegmentLib.process import JobAlreadyRunningError, JobState
+from HSSLSegmentLib.process import JobState
 from HSSLSegmentLib.segmentation_jobs import JobOutcome, SegmentationJobs
 from HSSLSegmentLib.training_chart import TrainingChart
 
@@ -322,9 +321,13 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             used = self.logic.probeDevice(device)
             self.ui.deviceLabel.text = (_("Will use: ") + used) if not used.startswith("error") else used
 
-    def startPolling(self) -> None:
+    def prepareForJob(self) -> None:
+        """Reset the log and progress before a job starts (its first warnings arrive at once)."""
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
+        self.ui.progressBar.format = "%p%"
+
+    def startPolling(self) -> None:
         self._pollTimer.start()
         self.updateButtons()
 
@@ -349,6 +352,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showChart(p.trainingChart)
             self.logic.hangTimeoutS = p.hangTimeoutS
             self.logic.jobs.keepJobFiles = p.keepJobFiles
+            self.prepareForJob()
             self.logic.finetune(
                 p.inputVolume, p.annotationSegmentation, segments=self.selectedSegmentsOrNone(),
                 init=self.logic.initForSource(p.modelSource, _modelPathOrNone(p.currentModelPath)),
@@ -370,6 +374,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureDependencies():
                 return
             p = self._parameterNode
+            self.prepareForJob()
             self.logic.predict(p.inputVolume, _modelPathOrNone(p.currentModelPath), device=p.device,
                                annotationNode=p.annotationSegmentation,
                                predictionTarget=self.predictionTargetFor(p.inputVolume), waitForCompletion=False)
@@ -381,6 +386,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureDependencies():
                 return
             p = self._parameterNode
+            self.prepareForJob()
             self.logic.predict(p.applyVolume, _modelPathOrNone(p.currentModelPath), device=p.device,
                                annotationNode=p.annotationSegmentation, waitForCompletion=False)
             self.setStatus(_("Applying the model to ") + p.applyVolume.GetName() + "...")
@@ -509,8 +515,8 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
     def defaultModelsDir() -> str:
         """Where fine-tuned models are written: next to Slicer's user settings, so they survive
         Slicer updates and are never re-downloaded."""
-        settingsDir = os.path.dirname(slicer.app.slicerUserSettingsFilePath)
-        return os.path.join(settingsDir, "HSSLSegment", "Models")
+        settingsFile = getattr(slicer.app, "slicerUserSettingsFilePath", "") or slicer.app.userSettings().fileName()
+        return os.path.join(os.path.dirname(settingsFile), "HSSLSegment", "Models")
 
     @staticmethod
     def pythonExecutable() -> str:

@@ -135,8 +135,8 @@ class ModelRegistry:
         return self.bundledModels() + self.savedModels()
 
     def find(self, nameOrPath: str) -> ModelInfo:
-        """A model by bundled/saved name, ``bundled:<name>`` or folder path."""
-        if nameOrPath.startswith("bundled:"):
+        """A model by bundled/saved name, ``bundled[:<name>]`` or folder path."""
+        if nameOrPath == "bundled" or nameOrPath.startswith("bundled:"):
             wanted = nameOrPath.partition(":")[2] or "default"
             for model in self.bundledModels():
                 if model.name == wanted:

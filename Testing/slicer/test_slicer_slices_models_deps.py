@@ -80,6 +80,7 @@ def test_model_registry(tmp_path):
     assert [m.name for m in registry.bundledModels()] == ["default"]
     assert [m.name for m in registry.savedModels()] == ["lung-1"]  # foreign and half-written folders skipped
     bundled = registry.find("bundled:default")
+    assert registry.find("bundled").path == bundled.path  # the engine's "bundled" means "bundled:default"
     assert bundled.initValue == "bundled:default" and bundled.kind == "bundled"
     saved = registry.find("lung-1")
     assert saved.initValue == str(tmp_path / "saved" / "lung-1") and saved.segmentNames == ["tumour", "liver"]
