@@ -260,15 +260,21 @@ class _ScratchScene:
 
 # ---------------------------------------------------------------------------------- files
 
-def loadVolumeFile(scene, path: str | os.PathLike, name: str | None = None):
+def loadVolumeFile(scene, path: str | os.PathLike, name: str | None = None, keepFileGrid: bool = True):
     """Read a scalar volume file (NRRD, NIfTI, MHA...) into a new node of ``scene``; headless
-    scripts use it where ``slicer.util.loadVolume`` (which needs the application) is unavailable."""
+    scripts use it where ``slicer.util.loadVolume`` (which needs the application) is unavailable.
+
+    keepFileGrid: keep the file's voxel order even when its axes are left-handed. Slicer's default
+    reverses the slice axis of such files (same voxel positions, other index order), so outputs
+    written from the node would not share the input file's index grid.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Volume file '{path}' does not exist: check the path.")
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
+    storage.SetForceRightHandedIJKCoordinateSystem(not keepFileGrid)
     if not storage.ReadData(node):
         scene.RemoveNode(node)
         raise InputError(f"Cannot read volume '{path}': is it a complete NRRD, NIfTI or MHA file?")
@@ -301,6 +307,7 @@ def loadSegmentationFile(scene, path: str | os.PathLike, volumeNode, names: dict
         scratch.AddNode(labelmap)
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetFileName(str(path))
+        storage.SetForceRightHandedIJKCoordinateSystem(False)  # voxel positions are what count here
         ok = storage.ReadData(labelmap)
         if ok:
             node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)

@@ -246,3 +246,25 @@ def test_file_helpers_for_headless_scripts(tmp_path, twoSegments, scene):
     (tmp_path / "broken.nrrd").write_text("NRRD0004\ntype: nonsense\n")
     with pytest.raises(mrml_io.InputError, match="Cannot read volume"):
         mrml_io.loadVolumeFile(scene, tmp_path / "broken.nrrd")
+
+
+def test_left_handed_files_keep_their_grid_through_export(tmp_path, scene):
+    """Slicer reverses the slice axis of left-handed files by default; the headless file helpers
+    keep the file's index grid so that job files and outputs match the input file exactly."""
+    image, ball = ballVolume((12, 20, 22))
+    header = {"space": "left-posterior-superior", "space directions": np.diag([0.78125, -0.78125, 6.5]),
+              "space origin": np.array([-99.6, 99.6, -78.0]), "kinds": ["domain"] * 3}
+    nrrd.write(str(tmp_path / "left.nrrd"), np.ascontiguousarray(image.transpose(2, 1, 0)), header)
+    nrrd.write(str(tmp_path / "left_label.nrrd"),
+               np.ascontiguousarray(sparse(ball, 0, [4, 6]).astype(np.uint8).transpose(2, 1, 0)), header)
+    volume = mrml_io.loadVolumeFile(scene, tmp_path / "left.nrrd")
+    assert np.linalg.det(mrml_io.ijkToRas(volume)[:3, :3]) < 0
+    annotation = mrml_io.loadSegmentationFile(scene, tmp_path / "left_label.nrrd", volume, names={1: "ball"})
+    result = mrml_io.exportJobInputs(volume, annotation, None, tmp_path / "job")
+    for path in (result.imagePath, result.labelsPath):
+        written = nrrd.read_header(str(path))
+        np.testing.assert_allclose(written["space directions"], header["space directions"], atol=1e-9)
+        np.testing.assert_allclose(written["space origin"], header["space origin"], atol=1e-9)
+    assert result.annotatedSlices == ["axial:4", "axial:6"]
+    flipped = mrml_io.loadVolumeFile(scene, tmp_path / "left.nrrd", keepFileGrid=False)
+    assert np.linalg.det(mrml_io.ijkToRas(flipped)[:3, :3]) > 0  # Slicer's default, for comparison
