@@ -6,7 +6,6 @@ glue only), Logic (usable from the Python console and headless scripts), Test. T
 HSSLSegmentLib (GUI-free) and in the engine package ``hssl``, which always runs in a child process
 (``PythonSlicer -m hssl ...``) so Slicer itself never imports torch.
 """
-import logging
 import os
 import pathlib
 import shutil
@@ -289,7 +288,14 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showChart(self, chartNode) -> None:
         if self._plotViewNode is None or self._plotViewNode.GetScene() is not slicer.mrmlScene:
-            self._plotViewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "HSSLSegment plot view")
+            # One view node per scene (a singleton), so saving and reopening does not pile them up.
+            viewNode = slicer.mrmlScene.GetSingletonNode("HSSLSegment", "vtkMRMLPlotViewNode")
+            if viewNode is None:
+                viewNode = slicer.vtkMRMLPlotViewNode()
+                viewNode.SetSingletonTag("HSSLSegment")
+                viewNode.SetName("HSSLSegment plot view")
+                slicer.mrmlScene.AddNode(viewNode)
+            self._plotViewNode = viewNode
             self.plotWidget.setMRMLPlotViewNode(self._plotViewNode)
         self._plotViewNode.SetPlotChartNodeID(chartNode.GetID())
 
