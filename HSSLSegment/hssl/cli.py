@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
     p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
     p.add_argument("--predict", default=None, metavar="OUT", help="also predict the image into OUT afterwards")
+    p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"],
+                   help="with --predict: keep only components touching painted voxels (default) or none")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("predict", help="segment a volume with a model folder")
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sw-batch-size", type=int, default=4)
     p.add_argument("--probabilities", default=None, metavar="PATH", help="also write foreground probabilities")
     p.add_argument("--segments", default=None, help="only these segment names (comma-separated)")
+    p.add_argument("--annotation", default=None, metavar="LABELS",
+                   help="this image's sparse annotation: output equals it on annotated slices, and "
+                        "--postprocess applies")
+    p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
     p.add_argument("--progress-json", action="store_true")
     p.add_argument("--overwrite", action="store_true")
 
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="scratch")
+    p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
     return parser
 
 
@@ -132,7 +139,8 @@ def cmd_finetune(a) -> int:
     prediction = None
     if a.predict:
         prediction = run_predict(result.model, a.image, a.predict, device=a.device, overwrite=a.overwrite,
-                                 progress=progress)["path"]
+                                 progress=progress, annotation=result.annotation,
+                                 postprocess_mode=a.postprocess)["path"]
     progress.event("done", stopped=result.stopped, model=a.out, prediction=prediction,
                    heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
     return 0
@@ -146,8 +154,16 @@ def cmd_predict(a) -> int:
         raise HSSLError(f"--overlap must be in [0, 1) (got {a.overlap})")
     progress = Progress(json_lines=a.progress_json)
     a._progress = progress
+    annotation = None
+    if a.annotation:
+        from .io import read_image, read_labels
+        from .sparse import resolve_annotation
+
+        geometry = read_image(a.image).geometry
+        sparse = read_labels(a.annotation, geometry)
+        annotation = (sparse.array, resolve_annotation(sparse.array, geometry.axis_names()).known)
     out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
-                      _csv(a.segments), a.overwrite, progress)
+                      _csv(a.segments), a.overwrite, progress, annotation, a.postprocess)
     progress.event("done", stopped=False, prediction=out["path"])
     return 0
 

@@ -63,7 +63,8 @@ def run_demo(a) -> int:
     t0 = time.perf_counter()
     result = run_finetune(str(image_path), str(sparse_path), str(out / "model"), opts, progress, overwrite=True)
     pred = run_predict(result.model, str(image_path), str(out / "prediction.seg.nrrd"), device=a.device,
-                       overwrite=True, progress=progress)
+                       overwrite=True, progress=progress, annotation=result.annotation,
+                       postprocess_mode=a.postprocess)
     region = ~known_mask(ref.shape, [SliceRef(axis, s) for s in slices])
     scores = evaluate(pred["labels"], ref, volume.geometry, table, region)
     row = scores["labels"][0]
@@ -71,7 +72,7 @@ def run_demo(a) -> int:
                "finetune_s": round(result.seconds, 1), "predict_s": round(pred["seconds"], 1),
                "total_s": round(time.perf_counter() - t0, 1), "heldout_dice": result.heldout_dice,
                "dice_unannotated": row["dice"], "hd95_mm_unannotated": row["hd95_mm"], "init": a.init,
-               "device": result.model.meta["training"]["device"], "seed": a.seed}
+               "postprocess": a.postprocess, "device": result.model.meta["training"]["device"], "seed": a.seed}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_overlay(out / "overlay.png", volume, ref, pred["labels"], slices, axis, row["dice"])
     d = "n/a" if row["dice"] is None else f"{row['dice']:.3f}"

@@ -51,7 +51,7 @@ class FinetuneOptions:
     modality: str = "auto"
     patch_size: Sequence[int] | None = None
     patch_voxels: int | None = None  # default: smaller on CPU (responsiveness), larger on GPU
-    fg_fraction: float = 0.67
+    fg_fraction: float = 0.33
     stop_file: str | None = None
 
     def validate(self) -> None:
@@ -74,6 +74,7 @@ class FinetuneResult:
     heldout: str | None
     heldout_dice: float | None
     log: list[dict]
+    annotation: tuple[np.ndarray, np.ndarray] | None = None  # (label values, known mask) trained on
 
 
 class StopRequest:
@@ -286,8 +287,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
         }
     }
     model = Model(net.to("cpu"), table, normalization, meta)
+    kept = np.isin(labels.array, [lab.value for lab in table])
     return FinetuneResult(model, stopped, step, seconds, holdout.name(names) if holdout else None,
-                          heldout_dice, history)
+                          heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known))
 
 
 def _fraction(step: int, elapsed: float, opts: FinetuneOptions) -> float:

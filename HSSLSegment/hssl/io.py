@@ -44,7 +44,9 @@ class Geometry:
     direction: row-major 3x3, columns are the i, j, k unit axes in LPS.
     nrrd_directions/nrrd_origin: the source NRRD header's ``space directions`` (3 rows, one per
     i, j, k axis, spacing included, converted to LPS) and ``space origin``, kept verbatim when the
-    volume came from a NRRD file, so NRRD outputs repeat them exactly.
+    volume came from a NRRD file, so NRRD outputs repeat them exactly. Likewise ``nifti_source``:
+    NIfTI stores float32 quaternions that do not survive a recomputation, so NIfTI outputs copy the
+    source header's qform/sform instead.
     """
 
     size: tuple[int, int, int]
@@ -53,14 +55,15 @@ class Geometry:
     direction: tuple[float, ...]
     nrrd_directions: tuple[tuple[float, float, float], ...] | None = None
     nrrd_origin: tuple[float, float, float] | None = None
+    nifti_source: str | None = None  # a NIfTI file whose header (qform/sform) NIfTI outputs copy
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, nrrd_header: dict | None = None) -> "Geometry":
+    def from_sitk(cls, image: sitk.Image, nrrd_header: dict | None = None, nifti_source: str | None = None) -> "Geometry":
         directions = origin = None
         if nrrd_header is not None:
             directions, origin = _lps_vectors_from_nrrd_header(nrrd_header)
         return cls(tuple(int(s) for s in image.GetSize()), tuple(image.GetSpacing()),
-                   tuple(image.GetOrigin()), tuple(image.GetDirection()), directions, origin)
+                   tuple(image.GetOrigin()), tuple(image.GetDirection()), directions, origin, nifti_source)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -243,7 +246,8 @@ def read_image(path: str | os.PathLike) -> Volume:
     if lo == hi:
         raise HSSLError(f"image '{path}' is constant (every voxel is {lo}): nothing can be learned from it; "
                         "choose the scan itself")
-    return Volume(array, Geometry.from_sitk(image, header), str(path))
+    nifti = str(path.resolve()) if path.name.lower().endswith((".nii", ".nii.gz")) else None
+    return Volume(array, Geometry.from_sitk(image, header, nifti), str(path))
 
 
 def default_label_table(values: Sequence[int], names: dict[int, str] | None = None) -> list[LabelInfo]:
@@ -438,6 +442,9 @@ def write_labelmap(path: str | os.PathLike, array: np.ndarray, geometry: Geometr
         data = np.ascontiguousarray(array.transpose(2, 1, 0))
         return atomic_write(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"))
 
+    if array.ndim == 3 and geometry.nifti_source and Path(path).name.lower().endswith((".nii", ".nii.gz")):
+        return atomic_write(path, lambda tmp: _write_nifti_like(tmp, array, geometry.nifti_source))
+
     def write(tmp: Path) -> None:
         # A 4D array is [z, y, x, component] (e.g. class probabilities): one vector image.
         image = geometry.apply_to(sitk.GetImageFromArray(array, isVector=array.ndim == 4))
@@ -448,6 +455,19 @@ def write_labelmap(path: str | os.PathLike, array: np.ndarray, geometry: Geometr
     except RuntimeError as err:
         raise HSSLError(f"cannot write '{path}' ({str(err).strip().splitlines()[-1][:120]}): use a "
                         ".nrrd, .nii.gz or .seg.nrrd output") from None
+
+
+def _write_nifti_like(path: Path, array: np.ndarray, source: str) -> None:
+    """Write ``array`` ([z, y, x]) with the qform/sform of the NIfTI file ``source``, unchanged."""
+    import nibabel
+
+    header = nibabel.load(source).header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    image = nibabel.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), None, header)
+    image.set_qform(*header.get_qform(coded=True))
+    image.set_sform(*header.get_sform(coded=True))
+    nibabel.save(image, str(path))
 
 
 def write_segmentation(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,

@@ -12,7 +12,8 @@ from .finetune import FinetuneOptions
 from .progress import Progress
 
 KEYS = {"image", "labels", "segments", "slices", "model_out", "prediction_out", "init", "time_budget", "steps",
-        "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size"}
+        "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size",
+        "postprocess"}
 REQUIRED = {"image", "labels", "model_out"}
 
 
@@ -58,7 +59,8 @@ def run_job(path: str, args=None) -> int:
                           known_mask=job.get("known_mask"))
     if prediction:
         run_predict(result.model, job["image"], prediction, device=opts.device, overwrite=overwrite,
-                    progress=progress)
+                    progress=progress, annotation=result.annotation,
+                    postprocess_mode=job.get("postprocess", "annotated-components"))
     progress.event("done", stopped=result.stopped, model=job["model_out"], prediction=prediction,
                    heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
     return 0

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import postprocess
 from .device import resolve_device
 from .errors import HSSLError
 from .finetune import FinetuneOptions, FinetuneResult, finetune
@@ -94,7 +95,7 @@ def run_finetune(image: str, labels: str, out: str, opts: FinetuneOptions, progr
     check_output(out, overwrite=True, what="model folder")
     volume, lab, annotation = load_inputs(image, labels, **inputs)
     result = finetune(volume, lab, annotation, opts, progress)
-    progress.update("save", 0, 1)
+    progress.event("progress", phase="save", step=0, total=1)
     save_model(out, result.model.net, result.model.labels, result.model.normalization, result.model.meta,
                overwrite=overwrite)
     result.model.path = str(out)
@@ -105,8 +106,15 @@ def run_finetune(image: str, labels: str, out: str, opts: FinetuneOptions, progr
 
 def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float = 0.25,
                 sw_batch_size: int = 4, probabilities: str | None = None, segments: Sequence[str] | None = None,
-                overwrite: bool = False, progress: Progress | None = None) -> dict:
-    """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry."""
+                overwrite: bool = False, progress: Progress | None = None,
+                annotation: tuple[np.ndarray, np.ndarray] | None = None,
+                postprocess_mode: str = "annotated-components") -> dict:
+    """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry.
+
+    ``annotation`` = (label values, known mask) of the same image: the output then equals the
+    annotation on annotated voxels and, with ``postprocess_mode='annotated-components'``, keeps only
+    the components touching painted voxels (see ``postprocess``).
+    """
     progress = progress or Progress()
     check_output(out, overwrite)
     if probabilities:
@@ -134,6 +142,12 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     # Network classes 1..N map back to the model's label values.
     lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)
     labels = lut[classes]
+    if annotation is not None:
+        ann_labels, known = annotation
+        if ann_labels.shape != labels.shape:
+            raise HSSLError(f"the annotation has shape {ann_labels.shape} but the image {labels.shape}: give the "
+                            "annotation of this image")
+        labels = postprocess.apply(labels, ann_labels, known, postprocess_mode)
     if segments:
         keep = [lab.value for lab in model.labels if lab.name in segments]
         labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
