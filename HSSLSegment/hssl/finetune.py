@@ -136,6 +136,13 @@ def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalizat
         folder = Path(init)
     source = load_model(folder)
     net = source.net
+    # Keep the trained architecture (channels, kernels, strides) but size the patch for this volume.
+    spacing = tuple(reversed(volume.geometry.spacing))
+    voxels = opts.patch_voxels or (CPU_PATCH_VOXELS if device.type == "cpu" else DEFAULT_PATCH_VOXELS)
+    derived = make_plan(spacing, volume.array.shape, voxels, opts.patch_size)
+    divisor = net.plan.divisor
+    patch = tuple(max(d, int(np.ceil(p / d)) * d) for p, d in zip(derived.patch_size, divisor))
+    net.plan = dataclasses.replace(net.plan, patch_size=patch, spacing=derived.spacing)
     if source.normalization.scheme != normalization.scheme:
         progress.log(f"note: the initial model used '{source.normalization.scheme}' normalisation; "
                      f"this volume uses '{normalization.scheme}'")
