@@ -79,6 +79,7 @@ def test_cropped_segmentation_is_pasted_into_the_image_grid(tmp_path):
     back = io.read_labels(tmp_path / "crop.nrrd", g)
     expected = np.zeros_like(arr)
     expected[4:16, 8:35, 5:30] = arr[4:16, 8:35, 5:30]
+    assert back.array.shape == arr.shape and expected.any()
     np.testing.assert_array_equal(back.array, expected)
 
 
