@@ -1,0 +1,204 @@
+"""Export a pretrained ``SegNet``: as an ``hssl`` model folder and as a MONAI bundle, each with a
+model card.
+
+- ``<output>/model/``: ``model.json`` + ``model.safetensors`` written by
+  ``hssl.model_store.save_model`` with no labels (one output channel). ``hssl finetune --init PATH``
+  (or ``--init bundled`` once copied to ``Resources/Models/default``) keeps the architecture,
+  sizes the patch for the target volume and trains a new classifier head.
+- ``<output>/bundle/``: a MONAI bundle - ``configs/metadata.json``, ``configs/inference.json``
+  (instantiates ``hssl.network.SegNet`` through MONAI's ``ConfigParser``; needs ``hssl`` importable),
+  ``models/model.pt`` (a state dict), ``docs/README.md`` (the model card).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import HSSLError
+from ..model_store import save_model
+from ..network import SegNet
+from ..normalize import Normalization
+from .config import PretrainConfig
+
+CARD = "MODEL_CARD.md"
+
+
+def git_commit(start: Path | None = None) -> str:
+    """The source tree's commit (with ``-dirty`` when modified), or "unknown" outside a git checkout."""
+    here = start or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def pretraining_meta(cfg: PretrainConfig, summary: dict) -> dict:
+    """What model.json and the card record about how the weights were made."""
+    return {
+        "method": "HSSL reconstruction: NT-Xent image contrast + task and group classification"
+                  + (" + restoration" if cfg.loss.w_restore else ""),
+        "steps": summary["steps"], "seconds": summary["seconds_total"], "device": summary["device"],
+        "processes": summary["processes"], "threads": summary["threads"], "final_loss": summary["final_loss"],
+        "tasks": summary["tasks"], "groups": summary["groups"],
+        "images": [{k: im[k] for k in ("task", "group", "source")} for im in summary["images"]],
+        "normalization_per_modality": {"ct": Normalization("ct").to_json(), "mr": Normalization("percentile").to_json()},
+        "config": cfg.to_json(), "commit": git_commit(), "hssl": __version__,
+    }
+
+
+def model_card(cfg: PretrainConfig, summary: dict, command: str | None = None) -> str:
+    meta = pretraining_meta(cfg, summary)
+    by_task = Counter(im["task"] for im in summary["images"])
+    groups = {im["task"]: im["group"] for im in summary["images"]}
+    rows = "\n".join(f"| {t} | {groups[t]} | {n} |" for t, n in sorted(by_task.items()))
+    sources = "\n".join(f"- `{Path(im['source']).name}` ({im['task']}, {im['group']}, {im['shape']} voxels at "
+                        f"{im['spacing']} mm after preprocessing)" for im in summary["images"])
+    skipped = ", ".join(f"{k}: {len(v)}" for k, v in summary.get("skipped", {}).items()) or "none"
+    l, m, t = cfg.loss, cfg.model, cfg.train
+    command = command or "python " + shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    return f"""# {cfg.export.name}
+
+{cfg.export.description or "A 3D encoder-decoder (hssl.network.SegNet) pretrained self-supervised on several domains."}
+
+This is **our reconstruction** of HSSL (Zheng et al., MICCAI 2021): the paper's loss details are not
+available to us; see docs/pretraining.md.
+
+## Network
+`hssl.network.SegNet`, {sum(p.numel() for p in SegNet_from(cfg, summary).parameters()) / 1e6:.2f} M parameters,
+channels {m.channels}, strides {m.strides}, kernels {m.kernels} (numpy [z, y, x] order), one output
+channel. Fine-tuning keeps this architecture, sizes the patch for its volume and trains a new head.
+
+## Data ({len(summary['images'])} images, {len(by_task)} tasks, groups {summary['groups']}; skipped: {skipped})
+| task | group | images |
+|---|---|---|
+{rows}
+
+{sources}
+
+Preprocessing: CT clipped to the fixed window {list(Normalization('ct').window)} HU, MR clipped to its own
+{list(Normalization('percentile').percentiles)} percentiles, both scaled to [0, 1] (`hssl.normalize`, as in
+fine-tuning); resampled to {cfg.data.spacing} mm ([z, y, x] per group); cropped to the body.
+
+## Training
+- Loss: {l.w_image} x NT-Xent (temperature {l.temperature}) + {l.w_task} x CE(task) + {l.w_group} x CE(group)
+  + {l.w_restore} x restoration MSE; heads on pooled {', '.join(m.heads_on)} features.
+- Crops {cfg.data.crop_size} voxels, {t.batch_size} pairs per step and process, balance `{cfg.data.balance}`.
+- AdamW lr {t.lr}, weight decay {t.weight_decay}, warm-up {t.warmup_steps} steps, cosine over {t.max_steps} steps.
+- Ran {summary['steps']} steps in {summary['seconds_total']:.0f} s on {summary['device']} ({summary['processes']}
+  process(es), {summary['threads']} thread(s)); final loss {summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}.
+
+## Reproduce
+```
+{command}
+```
+Commit: `{meta['commit']}`, hssl {__version__}, torch {torch.__version__}, Python {platform.python_version()}.
+
+## Intended use and limits
+Initialisation for few-slice fine-tuning (`hssl finetune --init ...`). It segments nothing by itself.
+Pretrained on very little data: see docs/pretraining.md for the measured effect on fine-tuning.
+"""
+
+
+def SegNet_from(cfg: PretrainConfig, summary: dict) -> SegNet:  # noqa: N802 - mirrors the class name
+    from ..plan import Plan
+
+    spacing = tuple(float(v) for v in np.median([im["spacing"] for im in summary["images"]], axis=0))
+    plan = Plan(spacing, tuple(cfg.data.crop_size), tuple(tuple(s) for s in cfg.model.strides),
+                tuple(tuple(k) for k in cfg.model.kernels), tuple(cfg.model.channels))
+    return SegNet(plan, 1)
+
+
+def majority_normalization(summary: dict) -> Normalization:
+    groups = Counter(im["group"] for im in summary["images"])
+    return Normalization("ct") if groups.most_common(1)[0][0] == "ct" else Normalization("percentile")
+
+
+def export_hssl_model(folder: Path, net: SegNet, cfg: PretrainConfig, summary: dict, command: str | None = None) -> Path:
+    meta = {"description": cfg.export.description or f"{cfg.export.name}: HSSL-style multi-domain pretraining "
+                                                      "(reconstruction); fine-tune before use",
+            "name": cfg.export.name, "pretraining": pretraining_meta(cfg, summary)}
+    save_model(folder, net, [], majority_normalization(summary), extra=meta, overwrite=True)
+    (folder / CARD).write_text(model_card(cfg, summary, command))
+    return folder
+
+
+def export_bundle(folder: Path, net: SegNet, cfg: PretrainConfig, summary: dict, command: str | None = None) -> Path:
+    """A MONAI bundle folder (replaced if it exists)."""
+    import monai
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "configs").mkdir(parents=True)
+        (tmp / "models").mkdir()
+        (tmp / "docs").mkdir()
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "models" / "model.pt")
+        plan = net.plan.to_json()
+        metadata = {
+            "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                      "meta_schema_20220324.json",
+            "version": "0.1.0",
+            "changelog": {"0.1.0": "first export from hssl pretraining"},
+            "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": np.__version__, "optional_packages_version": {"hssl": __version__},
+            "name": cfg.export.name,
+            "task": "Self-supervised pretrained 3D encoder-decoder (initialisation for segmentation fine-tuning)",
+            "description": "HSSL-style multi-domain pretraining (a reconstruction); see docs/README.md",
+            "authors": "HSSLSegment", "copyright": "see the sources' licences in docs/README.md",
+            "intended_use": "initialisation for fine-tuning; not a segmentation model by itself",
+            "network_data_format": {
+                "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CT or MR",
+                                     "num_channels": 1, "spatial_shape": plan["patch_size"], "dtype": "float32",
+                                     "value_range": [0, 1], "is_patch_data": True,
+                                     "channel_def": {"0": "image normalised with hssl.normalize"}}},
+                "outputs": {"pred": {"type": "image", "format": "features", "num_channels": 1,
+                                     "spatial_shape": plan["patch_size"], "dtype": "float32",
+                                     "value_range": [], "is_patch_data": True,
+                                     "channel_def": {"0": "restoration output (pretraining head)"}}},
+            },
+            "hssl_pretraining": pretraining_meta(cfg, summary),
+        }
+        inference = {
+            "imports": ["$import hssl.network", "$import hssl.plan"],
+            "plan_json": plan,
+            "plan": "$hssl.plan.Plan.from_json(@plan_json)",
+            "network_def": {"_target_": "hssl.network.SegNet", "plan": "@plan", "out_channels": 1},
+            "device": "cpu",
+            "network": "$@network_def.to(@device)",
+            "checkpoint": "$@bundle_root + '/models/model.pt'",
+            "bundle_root": ".",
+        }
+        (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
+        (tmp / "docs" / "README.md").write_text(model_card(cfg, summary, command))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HSSLError(f"cannot write the MONAI bundle '{folder}' ({err.strerror or err}): free disk space or "
+                        "choose another output_dir") from None
+    return folder
+
+
+def export_all(cfg: PretrainConfig, net: SegNet, summary: dict, command: str | None = None):
+    out = Path(cfg.output_dir)
+    net = net.to("cpu").eval()
+    model_dir = export_hssl_model(out / "model", net, cfg, summary, command) if cfg.export.hssl_model else None
+    bundle_dir = export_bundle(out / "bundle", net, cfg, summary, command) if cfg.export.monai_bundle else None
+    return model_dir, bundle_dir
