@@ -22,6 +22,7 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="number of training steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--patch-size", default=None, metavar="Z,Y,X", help="override the derived patch size")
     p.add_argument("--no-holdout", action="store_true", help="do not hold out a slice for the Dice estimate")
+    p.add_argument("--no-roi", action="store_true",
+                   help="train and predict on the whole volume, not only around the painted structures")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
     p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
@@ -61,14 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help=".seg.nrrd (Slicer segmentation) or .nrrd/.nii.gz labelmap")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (0-0.9)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default 0.25; 0.5 inside the annotation region)")
     p.add_argument("--sw-batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--probabilities", default=None, metavar="PATH", help="also write foreground probabilities")
     p.add_argument("--segments", default=None, help="only these segment names (comma-separated)")
     p.add_argument("--annotation", default=None, metavar="LABELS",
                    help="this image's sparse annotation: output equals it on annotated slices, and "
                         "--postprocess applies")
     p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
+    p.add_argument("--no-roi", action="store_true", help="with --annotation: predict the whole volume, not only "
+                                                         "the region around the painted structures")
     p.add_argument("--progress-json", action="store_true")
     p.add_argument("--overwrite", action="store_true")
 
@@ -97,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=150)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--init", default="scratch")
     p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
+    p.add_argument("--no-roi", action="store_true")
     return parser
 
 
@@ -128,7 +137,7 @@ def cmd_finetune(a) -> int:
     opts = FinetuneOptions(steps=a.steps, time_budget=a.time_budget if (a.time_budget or a.steps) else 180.0,
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
                            amp=not a.no_amp, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
-                           stop_file=a.stop_file)
+                           stop_file=a.stop_file, roi=not a.no_roi)
     opts.validate()
     if a.predict:
         from .io import check_output
@@ -140,7 +149,7 @@ def cmd_finetune(a) -> int:
     if a.predict:
         prediction = run_predict(result.model, a.image, a.predict, device=a.device, overwrite=a.overwrite,
                                  progress=progress, annotation=result.annotation,
-                                 postprocess_mode=a.postprocess)["path"]
+                                 postprocess_mode=a.postprocess, roi=result.roi)["path"]
     progress.event("done", stopped=result.stopped, model=a.out, prediction=prediction,
                    heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
     return 0
@@ -150,20 +159,22 @@ def cmd_predict(a) -> int:
     from .progress import Progress
     from .workflow import run_predict
 
-    if not 0 <= a.overlap < 1:
+    if a.overlap is not None and not 0 <= a.overlap < 1:
         raise HSSLError(f"--overlap must be in [0, 1) (got {a.overlap})")
     progress = Progress(json_lines=a.progress_json)
     a._progress = progress
-    annotation = None
+    annotation = roi = None
     if a.annotation:
         from .io import read_image, read_labels
-        from .sparse import resolve_annotation
+        from .sparse import annotation_roi, resolve_annotation
 
         geometry = read_image(a.image).geometry
         sparse = read_labels(a.annotation, geometry)
         annotation = (sparse.array, resolve_annotation(sparse.array, geometry.axis_names()).known)
+        if not a.no_roi:
+            roi = annotation_roi(annotation[0], annotation[1], tuple(reversed(geometry.spacing)))
     out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
-                      _csv(a.segments), a.overwrite, progress, annotation, a.postprocess)
+                      _csv(a.segments), a.overwrite, progress, annotation, a.postprocess, roi)
     progress.event("done", stopped=False, prediction=out["path"])
     return 0
 
@@ -250,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a._progress = None
     try:
+        if getattr(a, "threads", None) is not None:
+            from .device import set_threads
+            set_threads(a.threads)
         return COMMANDS[a.command](a)
     except HSSLError as err:
         message = str(err)

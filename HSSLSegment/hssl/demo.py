@@ -59,12 +59,12 @@ def run_demo(a) -> int:
     print(f"demo: annotating {len(slices)} axial slice(s) {slices} of {int(ref.any(axis=(1, 2)).sum())} that "
           f"contain the {CASES[a.case]}; fine-tuning for {a.time_budget:.0f} s on device '{a.device}'")
     progress = Progress()
-    opts = FinetuneOptions(time_budget=a.time_budget, device=a.device, seed=a.seed, init=a.init)
+    opts = FinetuneOptions(time_budget=a.time_budget, device=a.device, seed=a.seed, init=a.init, roi=not a.no_roi)
     t0 = time.perf_counter()
     result = run_finetune(str(image_path), str(sparse_path), str(out / "model"), opts, progress, overwrite=True)
     pred = run_predict(result.model, str(image_path), str(out / "prediction.seg.nrrd"), device=a.device,
                        overwrite=True, progress=progress, annotation=result.annotation,
-                       postprocess_mode=a.postprocess)
+                       postprocess_mode=a.postprocess, roi=result.roi)
     region = ~known_mask(ref.shape, [SliceRef(axis, s) for s in slices])
     scores = evaluate(pred["labels"], ref, volume.geometry, table, region)
     row = scores["labels"][0]
@@ -72,7 +72,7 @@ def run_demo(a) -> int:
                "finetune_s": round(result.seconds, 1), "predict_s": round(pred["seconds"], 1),
                "total_s": round(time.perf_counter() - t0, 1), "heldout_dice": result.heldout_dice,
                "dice_unannotated": row["dice"], "hd95_mm_unannotated": row["hd95_mm"], "init": a.init,
-               "postprocess": a.postprocess, "device": result.model.meta["training"]["device"], "seed": a.seed}
+               "postprocess": a.postprocess, "roi": not a.no_roi, "device": result.model.meta["training"]["device"], "seed": a.seed}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_overlay(out / "overlay.png", volume, ref, pred["labels"], slices, axis, row["dice"])
     d = "n/a" if row["dice"] is None else f"{row['dice']:.3f}"

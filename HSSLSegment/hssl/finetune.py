@@ -30,7 +30,7 @@ from .normalize import Normalization, for_modality
 from .plan import CPU_PATCH_VOXELS, DEFAULT_PATCH_VOXELS, make_plan
 from .progress import Eta, Progress
 from .sampling import PatchSampler, augmentation
-from .sparse import Annotation, SliceRef, choose_holdout, known_mask
+from .sparse import Annotation, SliceRef, annotation_roi, choose_holdout, known_mask
 
 HOLDOUT_FRACTION = 0.7  # share of the budget during which the held-out slice stays out
 EVALS = 6  # held-out evaluations during the hold-out phase
@@ -53,6 +53,7 @@ class FinetuneOptions:
     patch_voxels: int | None = None  # default: smaller on CPU (responsiveness), larger on GPU
     fg_fraction: float = 0.33
     stop_file: str | None = None
+    roi: bool = True  # train and predict around the painted structures (sparse.annotation_roi)
 
     def validate(self) -> None:
         if self.steps is None and self.time_budget is None:
@@ -75,6 +76,7 @@ class FinetuneResult:
     heldout_dice: float | None
     log: list[dict]
     annotation: tuple[np.ndarray, np.ndarray] | None = None  # (label values, known mask) trained on
+    roi: tuple[slice, ...] | None = None  # [z, y, x] region trained on; prediction is limited to it
 
 
 class StopRequest:
@@ -193,6 +195,14 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
         holdout_region = known_mask(target.shape, [holdout]) & ~train_known
         holdout_region &= _box_around((target > 0) & train_known, plan.patch_size)
 
+    roi = annotation_roi(target, annotation.known, plan.spacing) if opts.roi else None
+    if roi is not None:
+        # Patch centres only inside the region; patches still see the context around it.
+        inside = np.zeros(target.shape, dtype=bool)
+        inside[roi] = True
+        train_known = train_known & inside
+        if holdout_region is not None:
+            holdout_region &= inside
     net.to(device).train()
     lr = opts.lr if opts.lr is not None else (5e-4 if pretrained else 2e-3)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
@@ -239,7 +249,8 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
                     net.train()
                     phase = "refine"
-                    sampler = PatchSampler(image, target, annotation.known, plan.patch_size, rng, opts.fg_fraction)
+                    full_known = annotation.known if roi is None else annotation.known & inside
+                    sampler = PatchSampler(image, target, full_known, plan.patch_size, rng, opts.fg_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr * (1 - fraction) ** 0.9
             batch = [augment(sampler.sample()) for _ in range(batch_size)]
@@ -290,13 +301,14 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             "annotated_slices": [s.name(names) for s in annotation.slices], "annotation": annotation.source,
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
+            "roi_zyx": [[r.start, r.stop] for r in roi] if roi is not None else None,
             "log": history[:: max(1, len(history) // 200)],
         }
     }
     model = Model(net.to("cpu"), table, normalization, meta)
     kept = np.isin(labels.array, [lab.value for lab in table])
     return FinetuneResult(model, stopped, step, seconds, holdout.name(names) if holdout else None,
-                          heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known))
+                          heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known), roi)
 
 
 def _fraction(step: int, elapsed: float, opts: FinetuneOptions) -> float:

@@ -13,7 +13,7 @@ from .progress import Progress
 
 KEYS = {"image", "labels", "segments", "slices", "model_out", "prediction_out", "init", "time_budget", "steps",
         "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size",
-        "postprocess"}
+        "postprocess", "roi", "threads"}
 REQUIRED = {"image", "labels", "model_out"}
 
 
@@ -42,11 +42,18 @@ def run_job(path: str, args=None) -> int:
     if args is not None:
         args._progress = progress
     job = read_job(path)
+    import os
+
+    from .device import set_threads
+
+    # Leave one core to Slicer's user interface unless the job says otherwise.
+    set_threads(job.get("threads") or max(1, (os.cpu_count() or 2) - 1))
     budget = job.get("time_budget")
     opts = FinetuneOptions(steps=job.get("steps"), time_budget=budget if (budget or job.get("steps")) else 180.0,
                            device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
                            init=job.get("init", "scratch"), stop_file=job.get("stop_file"),
-                           modality=job.get("modality", "auto"), batch_size=int(job.get("batch_size", 2)))
+                           modality=job.get("modality", "auto"), batch_size=int(job.get("batch_size", 2)),
+                           roi=bool(job.get("roi", True)))
     opts.validate()
     overwrite = bool(job.get("overwrite", False))
     prediction = job.get("prediction_out")
@@ -60,7 +67,7 @@ def run_job(path: str, args=None) -> int:
     if prediction:
         run_predict(result.model, job["image"], prediction, device=opts.device, overwrite=overwrite,
                     progress=progress, annotation=result.annotation,
-                    postprocess_mode=job.get("postprocess", "annotated-components"))
+                    postprocess_mode=job.get("postprocess", "annotated-components"), roi=result.roi)
     progress.event("done", stopped=result.stopped, model=job["model_out"], prediction=prediction,
                    heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
     return 0

@@ -32,12 +32,29 @@ def _windows(shape, roi, overlap) -> int:
 
 def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap: float = 0.25,
                   sw_batch_size: int = 4, amp: bool = True, probabilities: bool = False,
-                  on_progress: Callable[[int, int], None] | None = None):
+                  on_progress: Callable[[int, int], None] | None = None, roi: tuple[slice, ...] | None = None):
     """Segment a normalised ``[z, y, x]`` float32 volume.
 
     Returns ``labels`` (``[z, y, x]`` uint8/uint16 class indices, 0 = background) and, when asked,
-    ``probs`` (``(C, z, y, x)`` float16 softmax probabilities).
+    ``probs`` (``(C, z, y, x)`` float16 softmax probabilities). With ``roi`` (``[z, y, x]``
+    slices) only that region is predicted (with half a patch of context around it); everything
+    outside it is background.
     """
+    if roi is not None:
+        roi = tuple(slice(max(0, r.start), min(n, r.stop)) for r, n in zip(roi, image.shape))
+        context = tuple(slice(max(0, r.start - p // 2), min(n, r.stop + p // 2))
+                        for r, p, n in zip(roi, model.plan.patch_size, image.shape))
+        sub_labels, sub_probs = predict_array(model, image[context], device, overlap, sw_batch_size, amp,
+                                              probabilities, on_progress)
+        inner = tuple(slice(r.start - c.start, r.stop - c.start) for r, c in zip(roi, context))
+        labels = np.zeros(image.shape, dtype=sub_labels.dtype)
+        labels[roi] = sub_labels[inner]
+        probs = None
+        if sub_probs is not None:
+            probs = np.zeros((sub_probs.shape[0], *image.shape), dtype=np.float16)
+            probs[0] = 1.0
+            probs[(slice(None), *roi)] = sub_probs[(slice(None), *inner)]
+        return labels, probs
     net, roi = model.net.to(device).eval(), model.plan.patch_size
     nz = image.shape[0]
     plane = int(np.prod(image.shape[1:]))

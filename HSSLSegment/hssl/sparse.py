@@ -168,3 +168,26 @@ def resolve_annotation(labels: np.ndarray, axis_names: Sequence[str], slices: Se
         raise HSSLError("the labels have no annotated voxel: paint the structure on at least one slice "
                         "(or list background-only slices with --slices)")
     return Annotation(known_mask(labels.shape, refs), refs, "detected")
+
+
+ROI_MIN_MARGIN_MM = 20.0
+
+
+def annotation_roi(labels: np.ndarray, known: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[slice, ...] | None:
+    """The region where the painted structures can plausibly be: the bounding box of the painted
+    foreground grown on every side by half its extent, and by at least 20 mm (2 voxels).
+
+    Derived from the user's annotation only. Training samples centres inside it and prediction
+    is limited to it, which removes look-alike tissue far away and makes prediction fast.
+    Returns ``[z, y, x]`` slices, or None when nothing is painted.
+    """
+    fg = (labels > 0) & known
+    if not fg.any():
+        return None
+    roi = []
+    for axis in range(3):
+        hit = np.nonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        lo, hi = int(hit[0]), int(hit[-1]) + 1
+        margin = max(int(np.ceil(0.5 * (hi - lo))), int(np.ceil(ROI_MIN_MARGIN_MM / spacing_zyx[axis])), 2)
+        roi.append(slice(max(0, lo - margin), min(labels.shape[axis], hi + margin)))
+    return tuple(roi)

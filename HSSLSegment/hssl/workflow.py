@@ -10,7 +10,7 @@ import numpy as np
 
 from . import postprocess
 from .device import resolve_device
-from .errors import HSSLError
+from .errors import HSSLError, OutOfMemory
 from .finetune import FinetuneOptions, FinetuneResult, finetune
 from .io import (Labels, Volume, check_output, read_image, read_labels, write_labelmap, write_prediction)
 from .model_store import Model, load_model, save_model
@@ -104,18 +104,22 @@ def run_finetune(image: str, labels: str, out: str, opts: FinetuneOptions, progr
     return result
 
 
-def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float = 0.25,
+def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float | None = None,
                 sw_batch_size: int = 4, probabilities: str | None = None, segments: Sequence[str] | None = None,
                 overwrite: bool = False, progress: Progress | None = None,
                 annotation: tuple[np.ndarray, np.ndarray] | None = None,
-                postprocess_mode: str = "annotated-components") -> dict:
+                postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None) -> dict:
     """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry.
 
     ``annotation`` = (label values, known mask) of the same image: the output then equals the
     annotation on annotated voxels and, with ``postprocess_mode='annotated-components'``, keeps only
-    the components touching painted voxels (see ``postprocess``).
+    the components touching painted voxels (see ``postprocess``). ``roi`` limits prediction to a
+    ``[z, y, x]`` region (the fine-tuning region, see ``sparse.annotation_roi``).
     """
     progress = progress or Progress()
+    if overlap is None:
+        # Inside the small annotation region a denser window grid is cheap and smooths window seams.
+        overlap = 0.5 if roi is not None else 0.25
     check_output(out, overwrite)
     if probabilities:
         check_output(probabilities, overwrite, "probabilities output")
@@ -136,8 +140,24 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     def on_progress(done: int, total: int) -> None:
         progress.update("predict", done, total, eta_s=eta.remaining(done / max(total, 1)), device=dev.type)
 
-    classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, probabilities=bool(probabilities),
-                                   on_progress=on_progress)
+    while True:
+        try:
+            classes, probs = predict_array(model, x, dev, overlap, sw_batch_size,
+                                           probabilities=bool(probabilities), on_progress=on_progress, roi=roi)
+            break
+        except OutOfMemory:
+            if dev.type != "cuda":
+                raise
+            import torch
+
+            torch.cuda.empty_cache()
+            if sw_batch_size > 1:
+                sw_batch_size = 1
+                progress.log("GPU out of memory while predicting: retrying with --sw-batch-size 1")
+            else:
+                dev = torch.device("cpu")
+                progress.log("GPU out of memory while predicting even with one window at a time: "
+                             "continuing on the CPU (slower)")
     progress.close()
     # Network classes 1..N map back to the model's label values.
     lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)

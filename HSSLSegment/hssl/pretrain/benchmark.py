@@ -27,19 +27,22 @@ import numpy as np
 def prepare(case: str, n_slices: int, folder: Path) -> dict:
     from .. import data
     from ..demo import CASES, make_sparse, pick_slices
-    from ..io import LabelInfo, read_image, read_labels, write_segmentation
+    from ..io import LabelInfo, read_image, read_labels, write_labelmap, write_segmentation
 
     image = data.sample_path(f"{case}_image.nrrd")
     label = data.sample_path(f"{case}_label.nrrd")
     sparse_path = folder / f"{case}_{n_slices}slices.seg.nrrd"
+    ref_path = folder / f"{case}_reference.nrrd"  # the label as 0/1 (some sample labels use other values)
     volume = read_image(image)
     ref = (read_labels(label, volume.geometry).array > 0).astype(np.uint8)
     axis = volume.geometry.axis_names().index("axial")
     slices = pick_slices(ref, n_slices, axis)
+    if not ref_path.exists():
+        write_labelmap(ref_path, ref, volume.geometry)
     if not sparse_path.exists():
         write_segmentation(sparse_path, make_sparse(ref, slices, axis), volume.geometry,
                            [LabelInfo(CASES[case], 1, (0.9, 0.35, 0.25))], overwrite=True)
-    return {"image": str(image), "ref": str(label), "sparse": str(sparse_path), "slices": slices}
+    return {"image": str(image), "ref": str(ref_path), "sparse": str(sparse_path), "slices": slices}
 
 
 def _hssl(*args: str) -> subprocess.CompletedProcess:
