@@ -53,6 +53,7 @@ def _hssl(*args: str) -> subprocess.CompletedProcess:
 
 def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Path, prepared: dict) -> dict:
     label, _, value = init.partition("=") if "=" in init else (init, "", init)
+    value, *extra = value.split()  # "PATH --lr 0.002": extra finetune options for this column
     tag = f"{case}-{n_slices}-{label.replace('/', '_').replace(':', '_')}-s{seed}"
     work = out / "runs" / tag
     work.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,7 @@ def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Pat
     t0 = time.perf_counter()
     ft = _hssl("finetune", "--image", prepared["image"], "--labels", prepared["sparse"], "--out", str(work / "model"),
                "--init", value, "--steps", str(steps), "--seed", str(seed), "--device", "cpu", "--predict", str(pred),
-               "--overwrite")
+               "--overwrite", *extra)
     seconds = time.perf_counter() - t0
     if ft.returncode != 0:
         raise SystemExit(f"error: finetune failed for {tag}: {ft.stderr.strip().splitlines()[-1:]}")
@@ -71,7 +72,7 @@ def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Pat
     scores = json.loads(ev.stdout)
     meta = json.loads((work / "model" / "model.json").read_text())["training"]
     return {"case": case, "slices": n_slices, "annotated": prepared["slices"], "seed": seed, "init": label,
-            "init_value": value,
+            "init_value": " ".join([value, *extra]),
             "steps": steps, "dice": scores["labels"][0]["dice"], "hd95_mm": scores["labels"][0]["hd95_mm"],
             "heldout_dice": meta.get("heldout_dice"), "finetune_predict_s": round(seconds, 1),
             "threads": os.environ.get("OMP_NUM_THREADS", "default")}
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", nargs="+", type=int, default=[3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--init", nargs="+", default=["scratch", "bundled"],
-                   help="scratch | bundled | a model folder | LABEL=any of these (LABEL names the column)")
+                   help="scratch | bundled | a model folder | LABEL=any of these (LABEL names the column), "
+                        "optionally followed by finetune options, e.g. 'fast=bundled --lr 0.002'")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)

@@ -57,7 +57,7 @@ def pretraining_meta(cfg: PretrainConfig, summary: dict) -> dict:
         "tasks": summary["tasks"], "groups": summary["groups"],
         "images": [{k: im[k] for k in ("task", "group", "source")} for im in summary["images"]],
         "normalization_per_modality": {"ct": Normalization("ct").to_json(), "mr": Normalization("percentile").to_json()},
-        "config": cfg.to_json(), "commit": git_commit(), "hssl": __version__,
+        "config": cfg.to_json(), "commit": summary.get("commit") or git_commit(), "hssl": __version__,
     }
 
 

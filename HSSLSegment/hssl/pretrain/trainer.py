@@ -221,6 +221,9 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
              export: bool = True) -> PretrainResult:
     """Run (or continue) one pretraining; returns where everything went."""
     dist = init_distributed()
+    from .export import git_commit
+
+    commit = git_commit()  # the code that trains, not the tree as it is when the run ends
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.output_dir)
@@ -385,7 +388,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
                    "images": [{"task": im.task, "group": im.group, "source": im.source_path, "shape": list(im.shape),
                                "spacing": list(im.spacing)} for im in catalog.images],
                    "skipped": catalog.skipped, "checkpoint": str(last_ckpt) if last_ckpt else None,
-                   "loss_curve": str(png) if png else None, "fingerprint": cfg.fingerprint()}
+                   "loss_curve": str(png) if png else None, "fingerprint": cfg.fingerprint(), "commit": commit}
         if export and step > 0:
             from .export import export_all
 
