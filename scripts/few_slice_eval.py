@@ -40,7 +40,7 @@ def run(case: str, n_slices: int, seed: int, args) -> dict:
     table = [LabelInfo(CASES[case], 1, (1.0, 0.0, 0.0))]
     annotation = resolve_annotation(sparse, volume.geometry.axis_names())
     opts = FinetuneOptions(time_budget=args.time_budget, steps=args.steps, device=args.device, seed=seed,
-                           init=args.init, roi=not args.no_roi)
+                           init=args.init, roi=not args.no_roi, patch_voxels=args.patch_voxels)
     result = finetune(volume, Labels(sparse, table), annotation, opts, Progress(bar=False))
     import torch
 
@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--init", default="scratch")
     p.add_argument("--no-roi", action="store_true")
+    p.add_argument("--patch-voxels", type=int, default=None, help="voxels per training patch (default: engine's)")
     p.add_argument("--postprocess", default="annotated-components", choices=postprocess.MODES)
     p.add_argument("--out", default=None)
     args = p.parse_args()
