@@ -129,11 +129,12 @@ def init_value(init: str) -> tuple[str, str]:
 def git_state() -> dict:
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    commit = git("rev-parse", "HEAD") or "unknown"
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    commit = git("rev-parse", "HEAD").strip() or "unknown"
+    # Porcelain lines are "XY PATH": the two status columns, a space, the path.
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
     return {"commit": commit, "dirty": bool(changed), "modified": changed[:20]}
 
 
@@ -915,8 +916,15 @@ def run(s: Settings, out: Path, work: Path) -> dict:
                                                "method": "monai-swi", "model": str(save), "normalisation": "monai",
                                                "model_label": f"MONAI baseline ({len(slices)} slices)",
                                                "slices": list(slices)})
+                        # The baseline's weights with hssl's inference (region + post-processing): the Dice
+                        # difference that the training pipeline alone makes.
+                        h = runner("predict", {"tag": f"{case}-baseline-weights-hssl-inference-s{seed}-{len(slices)}",
+                                               "case": case, "method": "ours-roi", "model": str(save),
+                                               "normalisation": "monai", "slices": list(slices),
+                                               "model_label": f"MONAI baseline ({len(slices)} slices)"})
+                        row["dice_with_hssl_inference"] = h.get("dice")
                         if slices == three[case] and seed == seed0 and case in s.predict_cases:
-                            results["prediction"].append(p)  # also the baseline's row of the prediction table
+                            results["prediction"] += [p, h]  # also the baseline's rows of the prediction table
                         row.update({"predict_s": p.get("predict_s"), "peak_rss_predict_mb": p.get("peak_rss_mb"),
                                     **{k: p.get(k) for k in ("dice", "hd95_mm", "scored_on", "dice_volume")}})
                         if "error" in p:
@@ -1085,6 +1093,7 @@ def compare(results: dict) -> list[dict]:
                     "ours_cpu_s": q["finetune_cpu_s"], "baseline_cpu_s": b["train_cpu_s"],
                     "ours_s": q["finetune_s"], "baseline_s": b["train_s"], "ours_rss_mb": q["peak_rss_finetune_mb"],
                     "baseline_rss_mb": b["peak_rss_train_mb"], "dice_diff": _diff(q.get("dice"), b.get("dice")),
+                    "dice_diff_same_inference": _diff(q.get("dice"), b.get("dice_with_hssl_inference")),
                     "ours_dice": q.get("dice"), "baseline_dice": b.get("dice"), "device": q["device"],
                     "baseline_crops_without_known_voxel": b["crops_without_known_voxel"]})
     return out
@@ -1308,8 +1317,10 @@ def markdown(results: dict) -> str:
               "ours MB | baseline MB | Dice ours - baseline | device |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["comparison"]:
-        extra = (f" (baseline crops without a known voxel: {c['baseline_crops_without_known_voxel'] * 100:.0f} %)"
-                 if "baseline_crops_without_known_voxel" in c else "")
+        extra = ""
+        if "baseline_crops_without_known_voxel" in c:
+            extra = (f" (baseline crops without a known voxel: {c['baseline_crops_without_known_voxel'] * 100:.0f} %; "
+                     f"Dice difference with hssl's inference for both: {_f(c['dice_diff_same_inference'])})")
         lines.append(f"| {c['volume']} | {c['what']}: {c['ours']} vs {c['baseline']}{extra} | {_f(c['time_ratio'], 2)} "
                      f"| {_f(c['ours_cpu_s'], 1)} | {_f(c['baseline_cpu_s'], 1)} | {_f(c['wall_ratio'], 2)} | "
                      f"{_f(c['peak_rss_ratio'], 2)} | "
@@ -1415,7 +1426,8 @@ def plots(results: dict, out: Path) -> list[Path]:
     names = {("ours-roi", False): "ours, annotation region", ("ours-full", False): "ours, whole volume",
              ("monai-swi", False): "MONAI swi, our weights", ("monai-swi", True): "MONAI swi, MONAI-trained"}
     width = 0.8 / len(kinds)
-    for ax, key, label in ((axes[0], "predict_s", "prediction time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
+    for ax, key, label in ((axes[0], "predict_cpu_s", "prediction CPU time (s)"),
+                           (axes[1], "peak_rss_mb", "peak RSS of the process (MB)")):
         for k, kind in enumerate(kinds):
             xs, ys = [], []
             for i, v in enumerate(volumes):
@@ -1425,7 +1437,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                     ys.append(r[0][key])
             if xs:
                 bars = ax.bar(xs, ys, width, label=names[kind])
-                ax.bar_label(bars, fmt="%.3g", fontsize=6)
+                ax.bar_label(bars, fmt="%.0f" if key == "peak_rss_mb" else "%.3g", fontsize=6)
         if key == "peak_rss_mb":
             ax.axhline(RSS_LIMIT_MB, color="red", linestyle=":", linewidth=1, label="4 GB target")
         ax.set_xticks(range(len(volumes)))
@@ -1582,7 +1594,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Modes: tiny (synthetic, seconds; the test), default (~20 CPU minutes), full.")
     p.add_argument("--mode", default="default", choices=["tiny", "default", "full"])
-    p.add_argument("--out", default="benchmark-output", help="folder for the results (default: benchmark-output)")
+    p.add_argument("--out", default=None, help="folder for the results (default: benchmark-output)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for every run (default 1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (AMP on CUDA) | auto (default cpu)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
@@ -1596,6 +1608,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--isolation", choices=["spawn", "fork"], default=None,
                    help="a fresh interpreter per run (default) or a forked child (faster start, CPU only)")
     p.add_argument("--keep-work", action="store_true", help="keep the models, predictions and logs (printed path)")
+    p.add_argument("--report", default=None, metavar="RESULTS_JSON",
+                   help="measure nothing: rewrite the tables, plots and README section of an earlier results.json "
+                        "(into --out, default its folder)")
     a = p.parse_args(argv)
     s = mode_settings(a.mode)
     for key in ("cases", "budgets", "inits", "seeds", "steps", "isolation"):
@@ -1620,6 +1635,19 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     return s, a
 
 
+def rewrite_reports(results_path: Path, out: Path | None) -> int:
+    """Re-derive summaries, comparisons, targets and every report from a results.json."""
+    results = json.loads(results_path.read_text())
+    settings = {k: v for k, v in results["settings"].items() if k in {f.name for f in dataclasses.fields(Settings)}}
+    s = Settings(**settings)
+    results["summary"] = summarise(results)
+    results["comparison"] = compare(results)
+    results["targets"] = targets(results, s)
+    paths = write_outputs(results, out or results_path.parent, results["meta"]["command"])
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _, _, kind, spec_path, result_path = sys.argv
@@ -1628,7 +1656,9 @@ def main(argv: list[str] | None = None) -> int:
         _child(kind, spec, result_path, str(log))
         return 0
     s, a = parse(argv)
-    out = Path(a.out)
+    if a.report:
+        return rewrite_reports(Path(a.report), Path(a.out) if a.out else None)
+    out = Path(a.out or "benchmark-output")
     out.mkdir(parents=True, exist_ok=True)
     if s.mode != "tiny":
         from hssl import data

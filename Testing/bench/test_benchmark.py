@@ -90,12 +90,14 @@ def test_tiny_run_numbers_are_sane(tiny_run):
     base = results["baseline"]
     assert len(base) == 1 and "error" not in base[0] and base[0]["steps"] == 3
     assert 0.0 <= base[0]["dice"] <= 1.0 and 0.0 <= base[0]["crops_without_known_voxel"] <= 1.0
+    assert 0.0 <= base[0]["dice_with_hssl_inference"] <= 1.0
 
     pred = results["prediction"]
     methods = sorted((r["volume"], r["method"], r["model"].startswith("MONAI")) for r in pred)
     assert methods == [("ct512", "monai-swi", False), ("ct512", "ours-full", False), ("ct512", "ours-roi", False),
                        ("synthetic", "monai-swi", False), ("synthetic", "monai-swi", True),
-                       ("synthetic", "ours-full", False), ("synthetic", "ours-roi", False)]
+                       ("synthetic", "ours-full", False), ("synthetic", "ours-roi", False),
+                       ("synthetic", "ours-roi", True)]
     for r in pred:
         assert "error" not in r and r["predict_s"] > 0 and r["peak_rss_mb"] > 50
         assert r["peak_increase_mb"] is not None and 0 <= r["peak_increase_mb"] <= r["peak_rss_mb"]
@@ -150,6 +152,17 @@ def test_tiny_run_reports_state_machine_and_versions(tiny_run):
         assert commit in _png_text(out / name)["Description"]
 
 
+def test_reports_can_be_rewritten_from_the_json(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.json"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "README-results.md").read_text().replace(str(tmp_path), str(out)) == \
+        (out / "README-results.md").read_text()
+    assert (tmp_path / "dice_vs_fraction.png").stat().st_size > 500
+
+
 def test_budgets_pick_the_documented_slices():
     harness = load_harness()
     ref = np.zeros((30, 8, 8), dtype=np.uint8)
@@ -174,8 +187,8 @@ def test_time_to_95_percent_reads_the_training_log():
 def test_targets_say_met_or_missed_with_the_numbers():
     harness = load_harness()
     s = harness.mode_settings("tiny")
-    comparison = [{"volume": "ct512", "what": "whole volume, same weights", "ours": "ours-full", "baseline": "monai-swi",
-                   "time_ratio": 1.25, "peak_rss_ratio": 0.6, "dice_diff": 0.0}]
+    comparison = [{"volume": "ct512", "what": "whole volume, same weights", "ours": "ours-full",
+                   "baseline": "monai-swi", "time_ratio": 1.25, "peak_rss_ratio": 0.6, "dice_diff": 0.0}]
     prediction = [{"volume": "ct512", "method": "ours-full", "device": "cpu", "peak_rss_mb": 5000, "predict_s": 10.0,
                    "shape": [300, 512, 512]}]
     pretrain = {"config": "c", "config_prefetch": 0, "modes": {"loader, no prefetch": {"overhead": 0.05, "step_s": 1},
