@@ -74,25 +74,28 @@ RSS_LIMIT_MB = 4096
 
 @dataclasses.dataclass
 class Settings:
-    """What one benchmark run measures. ``budgets`` are slice counts ("3") or shares ("10%") of the
+    """What one benchmark run measures. Budgets are slice counts ("3") or shares ("10%") of the
     slices that contain the structure."""
 
     mode: str
     cases: list
-    budgets: list
+    budgets: list  # for the first init (scratch)
     inits: list  # labels or LABEL=VALUE (VALUE: scratch | bundled | model folder)
     seeds: list
     steps: int  # fine-tuning steps per quality run (ours and the baseline alike)
     baseline_budgets: list
-    predict_cases: list
-    predict_all_methods: bool  # also ours-full and MONAI-with-our-weights on the sample scans
+    predict_cases: list  # sample scans predicted in the annotation region, and with the MONAI baseline
+    whole_volume_cases: list  # ... also over the whole volume, by hssl and by MONAI with the same weights
     cross: list  # [source, target] pairs
     ct_source: str
     ct_shape: tuple
+    ct_methods: list  # on the CT-sized volume: ours-roi, ours-full, monai-swi
     ct_steps: int
     interactive_cases: list
     interactive_budget: dict  # {"time_budget": s} or {"steps": n}
     pretrain: dict  # {"config": path} or {"tiny": True}; plus "steps"
+    other_init_budgets: list | None = None  # budgets of the inits after the first (None: the same)
+    cross_all_inits: bool = True  # cross-volume for every init (else the first only)
     threads: int = 1
     device: str = "cpu"
     isolation: str = "spawn"  # spawn: a fresh interpreter per unit; fork: a forked child (quick, CPU only)
@@ -100,21 +103,34 @@ class Settings:
 
 
 def mode_settings(mode: str) -> Settings:
-    bundled = ["scratch"] + (["bundled"] if (BUNDLED / "model.json").exists() else [])
+    inits = ["scratch"] + (["bundled"] if (BUNDLED / "model.json").exists() else [])
+    ct_all = ["ours-roi", "ours-full", "monai-swi"]
     if mode == "tiny":
-        return Settings("tiny", ["synthetic"], ["1", "3", "100%"], ["scratch"], [0], 3, ["3"], ["synthetic"], True,
-                        [["synthetic", "synthetic2"]], "synthetic", (60, 48, 48), 2, ["synthetic"], {"steps": 2},
-                        {"tiny": True, "steps": 2}, isolation="fork")
+        return Settings("tiny", cases=["synthetic"], budgets=["1", "3", "100%"], inits=["scratch"], seeds=[0],
+                        steps=3, baseline_budgets=["3"], predict_cases=["synthetic"],
+                        whole_volume_cases=["synthetic"], cross=[["synthetic", "synthetic2"]],
+                        ct_source="synthetic", ct_shape=(60, 48, 48), ct_methods=ct_all, ct_steps=2,
+                        interactive_cases=["synthetic"], interactive_budget={"steps": 2},
+                        pretrain={"tiny": True, "steps": 2}, isolation="fork")
     if mode == "default":
-        return Settings("default", ["lung2", "brain1"], ["1", "3", "10%", "100%"], bundled, [0], 30, ["3"],
-                        ["lung2", "brain1"], False, [["lung1", "lung2"], ["brain1", "brain2"]], "lung2", CT_SHAPE,
-                        6, ["lung2"], {"time_budget": 30.0},
-                        {"config": "configs/pretrain_samples.yaml", "steps": 4})
+        # About 20 CPU minutes on one thread: the pretrained init only at 1 and 3 slices, cross-volume
+        # for the first init, and on the CT-sized volume our product path against MONAI's whole-volume
+        # inference (hssl's whole-volume path against MONAI's with the same weights runs on brain1).
+        return Settings("default", cases=["lung2", "brain1"], budgets=["1", "3", "10%", "100%"], inits=inits,
+                        seeds=[0], steps=25, baseline_budgets=["3"], predict_cases=["lung2", "brain1"],
+                        whole_volume_cases=["brain1"], cross=[["lung1", "lung2"], ["brain1", "brain2"]],
+                        ct_source="lung2", ct_shape=CT_SHAPE, ct_methods=["ours-roi", "monai-swi"], ct_steps=4,
+                        interactive_cases=["lung2"], interactive_budget={"time_budget": 30.0},
+                        pretrain={"config": "configs/pretrain_samples.yaml", "steps": 4},
+                        other_init_budgets=["1", "3"], cross_all_inits=False)
     if mode == "full":
-        return Settings("full", list(SAMPLES), ["1", "2", "3", "5", "5%", "10%", "100%"], bundled, [0, 1, 2], 200,
-                        ["1", "3", "10%", "100%"], list(SAMPLES), True, [["lung1", "lung2"], ["brain1", "brain2"]],
-                        "lung2", CT_SHAPE, 20, list(SAMPLES), {"time_budget": 120.0},
-                        {"config": "configs/pretrain_samples.yaml", "steps": 20})
+        return Settings("full", cases=list(SAMPLES), budgets=["1", "2", "3", "5", "5%", "10%", "100%"], inits=inits,
+                        seeds=[0, 1, 2], steps=200, baseline_budgets=["1", "3", "10%", "100%"],
+                        predict_cases=list(SAMPLES), whole_volume_cases=list(SAMPLES),
+                        cross=[["lung1", "lung2"], ["brain1", "brain2"]], ct_source="lung2", ct_shape=CT_SHAPE,
+                        ct_methods=ct_all, ct_steps=20, interactive_cases=list(SAMPLES),
+                        interactive_budget={"time_budget": 120.0},
+                        pretrain={"config": "configs/pretrain_samples.yaml", "steps": 20})
     raise SystemExit(f"error: unknown mode '{mode}': choose tiny, default or full")
 
 
@@ -167,7 +183,22 @@ def environment(s: Settings) -> dict:
             "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
             "simpleitk": sitk.Version_VersionString(), "hssl": __version__, "device": device,
             "threads": s.threads, "load_average_start": [round(v, 2) for v in os.getloadavg()],
-            "git": git_state(), "mode": s.mode}
+            "git": git_state(), "mode": s.mode, "bundled_model": bundled_model()}
+
+
+def bundled_model() -> dict | None:
+    """Which pretrained model ``--init bundled`` loads (it may not be committed yet): its name,
+    creation date and the SHA-256 of its weights."""
+    import hashlib
+
+    meta_path = BUNDLED / "model.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    digest = hashlib.sha256((BUNDLED / "model.safetensors").read_bytes()).hexdigest()[:16]
+    pretraining = meta.get("pretraining", {}) if isinstance(meta.get("pretraining"), dict) else {}
+    return {"path": str(BUNDLED.relative_to(REPO)), "weights_sha256": digest, "created": meta.get("created"),
+            "name": meta.get("name") or pretraining.get("name")}
 
 
 def meta_line(meta: dict) -> str:
@@ -868,11 +899,13 @@ def run(s: Settings, out: Path, work: Path) -> dict:
 
     models = work / "models"
     quality_jobs = []  # (case, slices, budgets, init, seed, save path)
-    for case in s.cases:
-        for slices, budgets in slice_plan(case, s.budgets).items():
-            for init in s.inits:
+    for n, init in enumerate(s.inits):
+        budgets_of_init = s.budgets if n == 0 or s.other_init_budgets is None else s.other_init_budgets
+        for case in s.cases:
+            for slices, budgets in slice_plan(case, budgets_of_init).items():
                 for seed in s.seeds:
                     quality_jobs.append((case, slices, budgets, init, seed))
+    quality_jobs.sort(key=lambda j: (s.cases.index(j[0]) if j[0] in s.cases else 99, len(j[1]), s.inits.index(j[3])))
     # The 3-slice models that prediction, the CT-sized volume and the cross-volume setting reuse.
     three = {c: tuple(budget_slices(refs[c][0], "3", refs[c][1])) for c in refs}
     reused = set()
@@ -880,8 +913,9 @@ def run(s: Settings, out: Path, work: Path) -> dict:
         reused |= set(s.predict_cases) | {s.ct_source}
     if "cross" in s.sections:
         reused |= {pair[0] for pair in s.cross}
+    cross_inits = s.inits if s.cross_all_inits else s.inits[:1]
     for case in sorted(reused):
-        for init in s.inits:
+        for init in cross_inits if case in {p[0] for p in s.cross} else s.inits[:1]:
             for seed in (s.seeds if case in {p[0] for p in s.cross} else s.seeds[:1]):
                 if not any(j[0] == case and j[1] == three[case] and j[3] == init and j[4] == seed
                            for j in quality_jobs):
@@ -940,7 +974,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
             common = {"case": case, "model": str(ours), "model_label": f"ours ({init_value(init0)[0]}, 3 slices)",
                       "slices": list(three[case])}
             methods = [("ours-roi", "hssl")]
-            if s.predict_all_methods:
+            if case in s.whole_volume_cases:
                 methods += [("ours-full", "hssl"), ("monai-swi", "hssl")]
             for method, norm in methods:
                 results["prediction"].append(runner("predict", {**common, "tag": f"{case}-{method}", "method": method,
@@ -951,7 +985,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
         if (ours / "model.json").exists():
             common = {"case": "ct512", "model": str(ours), "slices": list(three[s.ct_source]),
                       "model_label": f"ours ({init_value(init0)[0]}, 3 slices of {s.ct_source})"}
-            for method in ("ours-roi", "ours-full", "monai-swi"):
+            for method in s.ct_methods:
                 spec = {**common, "tag": f"ct512-{method}", "method": method, "normalisation": "hssl"}
                 if method != "ours-roi":
                     spec["slices"] = None  # whole volume, no annotation
@@ -960,7 +994,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
 
     if "cross" in s.sections:
         for source, target in s.cross:
-            for init in s.inits:
+            for init in cross_inits:
                 for seed in s.seeds:
                     model = model_dir(source, init, seed)
                     if not (model / "model.json").exists():
@@ -1215,7 +1249,11 @@ def markdown(results: dict) -> str:
              f"MONAI {meta['monai']}, numpy {meta['numpy']}, SimpleITK {meta['simpleitk']}, hssl {meta['hssl']}",
              f"- commit: {g['commit']}"
              + (f" (uncommitted changes in {', '.join(g['modified'])})" if g["dirty"] else ""),
-             f"- fine-tuning budget: {s['steps']} steps per run (batch 2, hssl's CPU patch); seeds {s['seeds']}", ""]
+             f"- fine-tuning budget: {s['steps']} steps per run (batch 2, hssl's CPU patch); seeds {s['seeds']}",
+             "- bundled model: " + (f"{meta['bundled_model']['path']} ({meta['bundled_model']['name']}, created "
+                                    f"{meta['bundled_model']['created']}, weights sha256 "
+                                    f"{meta['bundled_model']['weights_sha256']})" if meta.get("bundled_model")
+                                    else "none"), ""]
     lines += ["## 1. Few-slice quality", "",
               "Annotation: axial slices of the reference label spread through the structure (`hssl.demo.pick_slices`); "
               "budgets in % are of the slices that contain the structure, rounded up. **Dice/HD95** on the slices that "
@@ -1624,6 +1662,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     if a.cases:
         s.predict_cases = [c for c in s.predict_cases if c in a.cases] or a.cases[:1]
         s.interactive_cases = [c for c in s.interactive_cases if c in a.cases] or a.cases[:1]
+        s.whole_volume_cases = [c for c in s.whole_volume_cases if c in a.cases]
     if s.isolation == "fork" and s.device != "cpu":
         raise SystemExit("error: --isolation fork is for the CPU only (CUDA does not survive fork): use spawn")
     for init in s.inits:
@@ -1638,7 +1677,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
 def rewrite_reports(results_path: Path, out: Path | None) -> int:
     """Re-derive summaries, comparisons, targets and every report from a results.json."""
     results = json.loads(results_path.read_text())
-    settings = {k: v for k, v in results["settings"].items() if k in {f.name for f in dataclasses.fields(Settings)}}
+    names = {f.name for f in dataclasses.fields(Settings)}
+    settings = {**dataclasses.asdict(mode_settings(results["settings"]["mode"])),
+                **{k: v for k, v in results["settings"].items() if k in names}}
     s = Settings(**settings)
     results["summary"] = summarise(results)
     results["comparison"] = compare(results)
