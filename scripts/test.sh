@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PYTHONIOENCODING=utf-8
+# UTF-8 everywhere (subprocess output holds progress-bar characters), whatever the locale.
+export PYTHONUTF8=1 PYTHONIOENCODING=utf-8
 exec .venv/bin/python -m pytest Testing -q "$@"
