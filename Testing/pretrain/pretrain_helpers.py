@@ -114,8 +114,8 @@ def write_config(path: Path, tree: dict) -> Path:
 
 def run_script(*args: str, timeout: float = 240, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=timeout, env=env, cwd=REPO)
 
 
 def read_log(out: Path) -> dict[int, dict]:

@@ -21,8 +21,8 @@ def test_two_processes_stay_identical(tmp_path):
     config = write_config(tmp_path / "c.json", tree)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(SCRIPT), "--config", str(config)], capture_output=True, text=True, timeout=240,
-                          env=env, cwd=REPO)
+                           str(SCRIPT), "--config", str(config)], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = [json.loads((tmp_path / "out" / "replicas" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [4, 4]

@@ -48,7 +48,8 @@ def prepare(case: str, n_slices: int, folder: Path) -> dict:
 def _hssl(*args: str) -> subprocess.CompletedProcess:
     engine = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(engine) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "hssl", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "hssl", *args], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", env=env)
 
 
 def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Path, prepared: dict) -> dict:
