@@ -121,6 +121,8 @@ def test_exports_load_in_hssl_and_in_monai(tmp_path, sources):
         assert (out / name).is_file()
     if _has("matplotlib"):
         assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    if _has("tensorboard"):
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     from hssl.model_store import load_model
 
