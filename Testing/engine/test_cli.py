@@ -145,7 +145,7 @@ def test_bad_inputs_fail_with_one_clear_line(synthetic, tmp_path):
     corrupt.write_bytes(synthetic["image"].read_bytes()[:300])
     cases.append((["--image", corrupt], "cannot be read"))
     cases.append((["--segments", "liver"], "not in the labels"))
-    cases.append((["--init", "bundled"], "no pretrained model"))
+    cases.append((["--init", "bundled:nonexistent"], "no pretrained model 'nonexistent'"))
     cases.append((["--device", "cuda"], "no CUDA"))
     cases.append((["--steps", "0"], "at least 1"))
     for extra, message in cases:
@@ -226,3 +226,21 @@ def test_job_file_runs_and_rejects_unknown_keys(synthetic, tmp_path):
     assert records[-1]["event"] == "done" and records[-1]["prediction"] == job["prediction_out"]
     seg = sitk.ReadImage(job["prediction_out"])
     assert seg.GetMetaData("Segment0_Name") == "organ" and seg.GetMetaData("Segment1_Name") == "spot"
+
+
+def test_bundled_pretrained_model_loads_and_fine_tunes(synthetic, tmp_path):
+    from hssl.finetune import bundled_model_dir
+
+    if not (bundled_model_dir() / "model.json").exists():
+        pytest.skip("no pretrained model is bundled")
+    model = tmp_path / "m"
+    proc = run_cli("finetune", "--image", synthetic["image"], "--labels", synthetic["sparse"], "--out", model,
+                   "--init", "bundled", "--steps", "2", "--device", "cpu", "--progress-json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start = json_lines(proc.stdout)[0]
+    assert start["init"] == "bundled"
+    meta = json.loads((model / "model.json").read_text())
+    bundled = json.loads((bundled_model_dir() / "model.json").read_text())
+    # The pretrained architecture is kept; only the patch size follows the new volume.
+    assert meta["plan"]["channels"] == bundled["plan"]["channels"]
+    assert meta["plan"]["kernels"] == bundled["plan"]["kernels"]
