@@ -140,10 +140,11 @@ def test_exports_load_in_hssl_and_in_monai(tmp_path, sources):
 
     geometry = Geometry((48, 40, 10), (0.8, 0.8, 5.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     volume = Volume(np.zeros((10, 40, 48), np.int16), geometry)
-    net, pretrained = initial_model(str(result.model_dir), volume, [LabelInfo("x", 1, (1, 0, 0))],
+    net, continuing = initial_model(str(result.model_dir), volume, [LabelInfo("x", 1, (1, 0, 0))],
                                     Normalization("ct"), FinetuneOptions(steps=1), Progress(bar=False),
                                     torch.device("cpu"))
-    assert pretrained and net.out_channels == 2 and net.plan.strides == model.net.plan.strides
+    # A new head for new labels: not a continuation (so the scratch learning rate applies).
+    assert not continuing and net.out_channels == 2 and net.plan.strides == model.net.plan.strides
     assert torch.equal(net.encoder[0].conv1.conv.weight, model.net.encoder[0].conv1.conv.weight)
 
     from monai.bundle import ConfigParser

@@ -156,8 +156,11 @@ def test_logic_defaults_and_parameter_node(moduleFile, tmp_path):
     assert logic.initForSource("Current model", "/models/a") == "/models/a"
     with pytest.raises(moduleFile.ModelError, match="No current model"):
         logic.initForSource("Current model", None)
-    with pytest.raises(moduleFile.ModelError, match="No pretrained model is bundled"):
-        logic.initForSource("Pretrained (bundled)", None)
+    if logic.registry.bundledModels():
+        assert logic.initForSource("Pretrained (bundled)", None) == "bundled"
+    else:
+        with pytest.raises(moduleFile.ModelError, match="No pretrained model is bundled"):
+            logic.initForSource("Pretrained (bundled)", None)
     with pytest.raises(moduleFile.ModelError, match="No model"):
         logic.predict(None, None)
     assert not logic.isJobRunning()
