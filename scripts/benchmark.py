@@ -135,9 +135,18 @@ def mode_settings(mode: str) -> Settings:
 
 
 def init_value(init: str) -> tuple[str, str]:
-    """``LABEL=VALUE`` -> (label, value); ``scratch`` -> (scratch, scratch)."""
+    """``LABEL=VALUE`` -> (label, value); ``scratch`` -> (scratch, scratch). VALUE may end with
+    ``--lr X`` (the fine-tuning learning rate of that init), see ``init_lr``."""
     label, sep, value = init.partition("=")
-    return (label, value) if sep else (init, init)
+    return (label, value.split()[0]) if sep else (init, init)
+
+
+def init_lr(init: str) -> float | None:
+    """The ``--lr X`` of an init spec such as ``"bundled-lr2e-3=bundled --lr 0.002"``, else None."""
+    words = init.partition("=")[2].split()
+    if "--lr" in words[:-1]:
+        return float(words[words.index("--lr") + 1])
+    return None
 
 
 # ------------------------------------------------------------------------------------- environment
@@ -482,7 +491,7 @@ def w_quality(spec: dict) -> dict:
     table = [LabelInfo(structure, 1, (0.90, 0.35, 0.25))]
     scope = reset_peak()
     opts = FinetuneOptions(steps=spec.get("steps"), time_budget=spec.get("time_budget"), device=spec["device"],
-                           seed=spec["seed"], init=spec["init_value"])
+                           seed=spec["seed"], init=spec["init_value"], lr=spec.get("lr"))
     t, c = time.perf_counter(), time.process_time()
     result = finetune(volume, Labels(sparse, table), annotation, opts, Progress(bar=False))
     finetune_s, finetune_cpu = time.perf_counter() - t, time.process_time() - c
@@ -500,7 +509,8 @@ def w_quality(spec: dict) -> dict:
         save_model(spec["save"], m.net, m.labels, m.normalization, m.meta, overwrite=True)
     row = {"case": spec["case"], "budgets": spec["budgets"], "slices": slices,
            "n_slices": len(slices), "structure_slices": len(structure_slices(ref, axis)),
-           "init": spec["init"], "seed": spec["seed"], "device": device.type, "threads": threads,
+           "init": spec["init"], "lr": result.model.meta["training"]["lr"], "seed": spec["seed"],
+           "device": device.type, "threads": threads,
            "steps": result.steps, "finetune_s": round(finetune_s, 2),
            "steps_per_s": round(result.steps / finetune_s, 3),
            "predict_s": round(predict_s, 2), "load_s": round(load_s, 2), "startup_s": round(startup, 2),
@@ -930,6 +940,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
             save = model_dir(case, init, seed) if slices == three.get(case) else None
             row = runner("quality", {"tag": f"{case}-{'+'.join(budgets)}-{label}-s{seed}", "case": case,
                                      "slices": list(slices), "budgets": budgets, "init": label, "init_value": value,
+                                     "lr": init_lr(init),
                                      "seed": seed, "steps": s.steps, "save": str(save) if save else None})
             results["quality"].append(row)
             save_partial()
@@ -1638,7 +1649,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
     p.add_argument("--cases", nargs="+", default=None, help=f"sample cases ({', '.join(SAMPLES)})")
     p.add_argument("--budgets", nargs="+", default=None, help="slice counts (3) or shares (10%%)")
-    p.add_argument("--inits", nargs="+", default=None, help="scratch | bundled | LABEL=MODEL_FOLDER")
+    p.add_argument("--inits", nargs="+", default=None,
+                   help="scratch | bundled | LABEL=VALUE, VALUE a model folder, scratch or bundled, optionally with "
+                        "' --lr X' (e.g. 'bundled-lr2e-3=bundled --lr 0.002')")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (ours and the baseline)")
     p.add_argument("--ct-shape", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),

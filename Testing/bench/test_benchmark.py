@@ -77,7 +77,7 @@ def test_tiny_run_numbers_are_sane(tiny_run):
     assert [r["budgets"] for r in quality] == [["1"], ["3"], ["100%"]]
     for r in quality:
         assert "error" not in r, r.get("traceback")
-        assert r["steps"] == 3 and r["device"] == "cpu" and r["threads"] == 1
+        assert r["steps"] == 3 and r["device"] == "cpu" and r["threads"] == 1 and r["lr"] == 2e-3
         assert 0.0 <= r["dice"] <= 1.0 and 0.0 <= r["dice_volume"] <= 1.0
         assert r["finetune_s"] > 0 and r["predict_s"] > 0 and r["steps_per_s"] > 0
         assert 50 < r["peak_rss_finetune_mb"] <= r["peak_rss_mb"] < 8000
@@ -173,6 +173,14 @@ def test_budgets_pick_the_documented_slices():
     assert len(harness.budget_slices(ref, "5%")) == 1
     assert harness.budget_slices(ref, "100%") == list(range(10, 21))
     assert harness.budget_slices(ref, "20") == list(range(10, 21))  # more than there are: all of them
+
+
+def test_init_specs_give_label_value_and_learning_rate():
+    harness = load_harness()
+    assert harness.init_value("scratch") == ("scratch", "scratch") and harness.init_lr("scratch") is None
+    assert harness.init_value("pre=/models/x") == ("pre", "/models/x") and harness.init_lr("pre=/models/x") is None
+    spec = "bundled-lr2e-3=bundled --lr 0.002"
+    assert harness.init_value(spec) == ("bundled-lr2e-3", "bundled") and harness.init_lr(spec) == 0.002
 
 
 def test_time_to_95_percent_reads_the_training_log():
