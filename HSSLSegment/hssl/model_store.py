@@ -69,6 +69,10 @@ def save_model(folder: str | os.PathLike, net: SegNet, labels: list[LabelInfo], 
         state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        # mkdtemp makes a private folder; a model folder is meant to be shared and copied.
+        os.chmod(tmp, 0o755)
+        for f in (tmp / WEIGHTS, tmp / META):
+            os.chmod(f, 0o644)
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=parent))
             os.replace(folder, old / folder.name)
