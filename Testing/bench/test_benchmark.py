@@ -100,6 +100,9 @@ def test_tiny_run_numbers_are_sane(tiny_run):
                        ("synthetic", "ours-roi", True)]
     for r in pred:
         assert "error" not in r and r["predict_s"] > 0 and r["peak_rss_mb"] > 50
+        # Short predictions run twice in the tiny mode; the reported value is the minimum.
+        assert r["repeats"] == 2 and r["peak_rss_mb"] == min(r["peak_rss_mb_all"])
+        assert r["predict_cpu_s"] == min(r["predict_cpu_s_all"]) and len(r["predict_cpu_s_all"]) == 2
         assert r["peak_increase_mb"] is not None and 0 <= r["peak_increase_mb"] <= r["peak_rss_mb"]
     ct = [r for r in pred if r["volume"] == "ct512"]
     assert all(r["shape"] == [60, 48, 48] for r in ct)
