@@ -89,6 +89,31 @@ class AugmentConfig:
 
 
 @dataclasses.dataclass
+class DenseConfig:
+    """The dense voxel-level method (Kats et al., ISBI 2024; vox2vec): used by ``method: dense`` and
+    ``method: hssl+dense`` (see hssl.pretrain.dense)."""
+
+    projection: str = "balanced"  # balanced: each pyramid level -> level_width, concatenated; unbalanced: raw levels (vox2vec)
+    learned_projection: bool = True  # false: the per-level projections stay fixed random (as in the released code)
+    level_width: int = 32  # per-level width of the balanced vector
+    head_dims: list = dataclasses.field(default_factory=lambda: [160, 160, 128])  # MLP after the vector (BN+ReLU between)
+    temperature: float = 0.1  # voxel InfoNCE
+    w_voxel: float = 1.0
+    w_restore: float = 10.0  # MSE restoration of the clean crop from the finest level
+    pairs_per_step: int = 4  # crop pairs per step and process
+    same_volume: bool = True  # all pairs of a step from one volume (the paper); false: one volume per pair (balanced)
+    voxels_per_pair: int = 256  # voxels sampled in each pair's overlap (at most)
+    min_overlap_voxels: int = 16  # fewer body voxels in the overlap: the pair is redrawn
+    shuffle_prob: float = 0.8  # local pixel shuffling
+    shuffle_blocks: int = 200  # blocks shuffled per view
+    shuffle_block_size: list = dataclasses.field(default_factory=lambda: [2, 6, 6])  # largest block, [z, y, x]
+    bezier_prob: float = 0.9  # monotone Bezier intensity curve
+    inpaint_prob: float = 0.5  # noise cuboids (in-painting)
+    inpaint_boxes: int = 15
+    inpaint_size: float = 0.2  # largest cuboid edge, a fraction of the crop edge
+
+
+@dataclasses.dataclass
 class TrainConfig:
     max_steps: int = 1000  # the schedule's length (warm-up + cosine decay)
     stop_at_step: int = 0  # stop this run after this step (0: at max_steps); for chunked runs
@@ -118,11 +143,15 @@ class ExportConfig:
 @dataclasses.dataclass
 class PretrainConfig:
     output_dir: str = "pretrain-output"
+    # hssl: image/task/group terms (HSSL reconstruction); dense: voxel-level coarse-to-fine
+    # contrast + restoration (Kats et al.); hssl+dense: both on one network.
+    method: str = "hssl"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
 
     def to_json(self) -> dict:
@@ -137,6 +166,9 @@ class PretrainConfig:
         """
         d = self.to_json()
         d.pop("output_dir")
+        if d["method"] == "hssl":  # configs written before the dense method existed keep their fingerprint
+            d.pop("method")
+            d.pop("dense")
         d.pop("export")
         d["data"].pop("cache_dir")
         d["data"].pop("prefetch")
@@ -147,6 +179,8 @@ class PretrainConfig:
 
     def validate(self) -> None:
         d, m, loss, t = self.data, self.model, self.loss, self.train
+        if self.method not in METHODS:
+            raise HSSLError(f"method '{self.method}' must be one of {', '.join(METHODS)}")
         if not isinstance(d.sources, list) or not d.sources:
             raise HSSLError("data.sources is empty: list at least one source (samples, msd or folder)")
         if len(d.crop_size) != 3 or any(not isinstance(c, int) or c < 2 for c in d.crop_size):
@@ -177,11 +211,13 @@ class PretrainConfig:
         for key in ("w_image", "w_task", "w_group", "w_restore"):
             if getattr(loss, key) < 0:
                 raise HSSLError(f"loss.{key} must be >= 0 (got {getattr(loss, key)})")
-        if loss.w_image + loss.w_task + loss.w_group + loss.w_restore == 0:
+        if "hssl" in self.method and loss.w_image + loss.w_task + loss.w_group + loss.w_restore == 0:
             raise HSSLError("every loss weight is 0: nothing would be learned")
+        if "dense" in self.method:
+            self.dense_validate()
         if t.max_steps < 1 or t.batch_size < 1:
             raise HSSLError("train.max_steps and train.batch_size must be at least 1")
-        if loss.w_image > 0 and t.batch_size < 2:
+        if "hssl" in self.method and loss.w_image > 0 and t.batch_size < 2:
             raise HSSLError("the contrastive term needs train.batch_size >= 2 (other crops are its negatives)")
         if t.checkpoint_every < 1 or t.keep_checkpoints < 1 or t.log_every < 1:
             raise HSSLError("train.checkpoint_every, train.keep_checkpoints and train.log_every must be >= 1")
@@ -189,8 +225,32 @@ class PretrainConfig:
             raise HSSLError("train.time_budget and train.stop_at_step must be >= 0")
 
 
+    def dense_validate(self) -> None:
+        g = self.dense
+        if g.projection not in ("balanced", "unbalanced"):
+            raise HSSLError(f"dense.projection '{g.projection}' must be balanced or unbalanced")
+        if g.level_width < 1 or not g.head_dims or any(not isinstance(v, int) or v < 1 for v in g.head_dims):
+            raise HSSLError("dense.level_width and every dense.head_dims entry must be positive integers")
+        if g.temperature <= 0:
+            raise HSSLError(f"dense.temperature must be positive (got {g.temperature})")
+        if g.w_voxel < 0 or g.w_restore < 0 or g.w_voxel + g.w_restore == 0:
+            raise HSSLError("dense.w_voxel and dense.w_restore must be >= 0 and not both 0")
+        if g.pairs_per_step < 1 or g.voxels_per_pair < 2 or g.min_overlap_voxels < 1:
+            raise HSSLError("dense.pairs_per_step >= 1, dense.voxels_per_pair >= 2 and dense.min_overlap_voxels >= 1 "
+                            "are required")
+        if g.pairs_per_step * min(g.voxels_per_pair, g.min_overlap_voxels) < 2:
+            raise HSSLError("the voxel contrast needs at least 2 voxels per step: raise dense.pairs_per_step or "
+                            "dense.min_overlap_voxels")
+        if len(g.shuffle_block_size) != 3 or any(not isinstance(v, int) or v < 1 for v in g.shuffle_block_size):
+            raise HSSLError(f"dense.shuffle_block_size {g.shuffle_block_size} must be three positive integers (z, y, x)")
+        for key in ("shuffle_prob", "bezier_prob", "inpaint_prob", "inpaint_size"):
+            if not 0 <= getattr(g, key) <= 1:
+                raise HSSLError(f"dense.{key} must be between 0 and 1 (got {getattr(g, key)})")
+
+
+METHODS = ("hssl", "dense", "hssl+dense")
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "augment": AugmentConfig,
-            "train": TrainConfig, "export": ExportConfig}
+            "train": TrainConfig, "dense": DenseConfig, "export": ExportConfig}
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -251,8 +311,9 @@ def build_config(tree: dict) -> PretrainConfig:
         if key not in top:
             raise HSSLError(_unknown(key, top))
     kwargs: dict[str, Any] = {}
-    if "output_dir" in tree:
-        kwargs["output_dir"] = _coerce("output_dir", tree["output_dir"], str)
+    for key in ("output_dir", "method"):
+        if key in tree:
+            kwargs[key] = _coerce(key, tree[key], str)
     for section, cls in SECTIONS.items():
         values = tree.get(section) or {}
         if not isinstance(values, dict):

@@ -47,11 +47,21 @@ def git_commit(start: Path | None = None) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def method_text(cfg: PretrainConfig) -> str:
+    hssl = ("HSSL reconstruction: NT-Xent image contrast + task and group classification"
+            + (" + restoration" if cfg.loss.w_restore and cfg.method == "hssl" else ""))
+    g = cfg.dense
+    vector = (f"balanced vector ({g.level_width} channels per level, "
+              f"{'learned' if g.learned_projection else 'fixed random'} projections)"
+              if g.projection == "balanced" else "unbalanced vector (raw levels concatenated, vox2vec style)")
+    dense = f"dense voxel InfoNCE on the feature pyramid, {vector} + restoration"
+    return {"hssl": hssl, "dense": dense, "hssl+dense": f"{hssl} + {dense}"}[cfg.method]
+
+
 def pretraining_meta(cfg: PretrainConfig, summary: dict) -> dict:
     """What model.json and the card record about how the weights were made."""
     return {
-        "method": "HSSL reconstruction: NT-Xent image contrast + task and group classification"
-                  + (" + restoration" if cfg.loss.w_restore else ""),
+        "method": method_text(cfg),
         "steps": summary["steps"], "seconds": summary["seconds_total"], "device": summary["device"],
         "processes": summary["processes"], "threads": summary["threads"], "final_loss": summary["final_loss"],
         "tasks": summary["tasks"], "groups": summary["groups"],
@@ -75,8 +85,8 @@ def model_card(cfg: PretrainConfig, summary: dict, command: str | None = None) -
 
 {cfg.export.description or "A 3D encoder-decoder (hssl.network.SegNet) pretrained self-supervised on several domains."}
 
-This is **our reconstruction** of HSSL (Zheng et al., MICCAI 2021): the paper's loss details are not
-available to us; see docs/pretraining.md.
+Method (`{cfg.method}`): {meta['method']}.
+{_method_note(cfg)}
 
 ## Network
 `hssl.network.SegNet`, {sum(p.numel() for p in SegNet_from(cfg, summary).parameters()) / 1e6:.2f} M parameters,
@@ -95,9 +105,8 @@ Preprocessing: CT clipped to the fixed window {list(Normalization('ct').window)}
 fine-tuning); resampled to {cfg.data.spacing} mm ([z, y, x] per group); cropped to the body.
 
 ## Training
-- Loss: {l.w_image} x NT-Xent (temperature {l.temperature}) + {l.w_task} x CE(task) + {l.w_group} x CE(group)
-  + {l.w_restore} x restoration MSE; heads on pooled {', '.join(m.heads_on)} features.
-- Crops {cfg.data.crop_size} voxels, {t.batch_size} pairs per step and process, balance `{cfg.data.balance}`.
+- Loss: {_loss_text(cfg)}
+- Crops {cfg.data.crop_size} voxels, {cfg.dense.pairs_per_step if 'dense' in cfg.method else t.batch_size} pairs per step and process, balance `{cfg.data.balance}`.
 - AdamW lr {t.lr}, weight decay {t.weight_decay}, warm-up {t.warmup_steps} steps, cosine over {t.max_steps} steps.
 - Ran {summary['steps']} steps in {summary['seconds_total']:.0f} s on {summary['device']} ({summary['processes']}
   process(es), {summary['threads']} thread(s)); final loss {summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}.
@@ -112,6 +121,31 @@ Commit: `{meta['commit']}`, hssl {__version__}, torch {torch.__version__}, Pytho
 Initialisation for few-slice fine-tuning (`hssl finetune --init ...`). It segments nothing by itself.
 Pretrained on very little data: see docs/pretraining.md for the measured effect on fine-tuning.
 """
+
+
+def _method_note(cfg: PretrainConfig) -> str:
+    notes = []
+    if "hssl" in cfg.method:
+        notes.append("The HSSL part is **our reconstruction** of HSSL (Zheng et al., MICCAI 2021): the paper's loss "
+                     "details are not available to us; see docs/pretraining.md.")
+    if "dense" in cfg.method:
+        notes.append("The dense part follows Kats et al. (ISBI 2024) and vox2vec as described in docs/pretraining.md "
+                     "(a re-implementation, at a much smaller scale).")
+    return "\n".join(notes)
+
+
+def _loss_text(cfg: PretrainConfig) -> str:
+    l, m, g = cfg.loss, cfg.model, cfg.dense
+    parts = []
+    if "hssl" in cfg.method:
+        parts.append(f"{l.w_image} x NT-Xent (temperature {l.temperature}) + {l.w_task} x CE(task) + {l.w_group} x "
+                     f"CE(group) (heads on pooled {', '.join(m.heads_on)} features)")
+        if cfg.method == "hssl":
+            parts.append(f"{l.w_restore} x restoration MSE")
+    if "dense" in cfg.method:
+        parts.append(f"{g.w_voxel} x voxel InfoNCE (temperature {g.temperature}, up to {g.voxels_per_pair} voxels "
+                     f"per pair, head {g.head_dims}) + {g.w_restore} x restoration MSE")
+    return " + ".join(parts) + "."
 
 
 def SegNet_from(cfg: PretrainConfig, summary: dict) -> SegNet:  # noqa: N802 - mirrors the class name

@@ -22,10 +22,17 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
 
 
 class PretrainNet(nn.Module):
-    def __init__(self, plan: Plan, n_tasks: int, n_groups: int, heads_on: list[str], projection_dim: int = 128):
+    def __init__(self, plan: Plan, n_tasks: int, n_groups: int, heads_on: list[str], projection_dim: int = 128,
+                 dense=None, hssl: bool = True, seed: int = 0):
+        """``hssl``: the image/task/group heads; ``dense`` (a DenseConfig or None): the voxel head."""
         super().__init__()
         self.net = SegNet(plan, out_channels=1)
-        self.levels = list(heads_on)
+        self.levels = list(heads_on) if hssl else []
+        self.voxel_head = None
+        if dense is not None:
+            from .dense import VoxelHead
+
+            self.voxel_head = VoxelHead(plan, dense, seed)
         width = {"bottleneck": 2 * plan.channels[-1], "decoder": 2 * plan.channels[0]}
         self.proj = nn.ModuleDict()
         self.task_head = nn.ModuleDict()
@@ -38,8 +45,9 @@ class PretrainNet(nn.Module):
             self.task_head[level] = nn.Linear(w, n_tasks)
             self.group_head[level] = nn.Linear(w, n_groups)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        """``x`` (2B, 1, Z, Y, X) -> ``proj``/``task``/``group``: {level: (2B, ...)}, ``restore`` (2B, 1, Z, Y, X)."""
+    def forward(self, x: torch.Tensor, voxels: torch.Tensor | None = None) -> dict:
+        """``x`` (2B, 1, Z, Y, X) -> ``proj``/``task``/``group``: {level: (2B, ...)}, ``restore`` (2B, 1, Z, Y, X);
+        with the voxel head and ``voxels`` (2N, 4) rows ``[batch row, z, y, x]``: ``voxel`` (2N, D)."""
         pyramid = self.net.pyramid(x)
         pooled = {"bottleneck": _pool(pyramid[-1]), "decoder": _pool(pyramid[0])}
         out = {"proj": {}, "task": {}, "group": {}, "restore": self.net.head(pyramid[0])}
@@ -48,4 +56,6 @@ class PretrainNet(nn.Module):
             out["proj"][level] = self.proj[level](f)
             out["task"][level] = self.task_head[level](f)
             out["group"][level] = self.group_head[level](f)
+        if self.voxel_head is not None and voxels is not None:
+            out["voxel"] = self.voxel_head(pyramid, voxels)
         return out

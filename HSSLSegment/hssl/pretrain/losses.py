@@ -59,5 +59,38 @@ class HierarchicalLoss(nn.Module):
         return total, {"image": image, "task": task_ce, "group": group_ce, "restore": restore}
 
 
+def voxel_infonce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric voxel InfoNCE: row n of ``z1`` and of ``z2`` (N, D) are the same voxel seen in the two
+    views. For each of the 2N vectors the positive is its twin and the negatives are the other 2N-2
+    vectors of both views - the NT-Xent form, applied to voxels."""
+    return nt_xent(torch.cat([z1, z2]), temperature)
+
+
+class DenseLoss(nn.Module):
+    """``method: dense``: ``w_voxel`` x voxel InfoNCE + ``w_restore`` x MSE(restoration, clean crop).
+    ``method: hssl+dense``: the hierarchical terms (``loss.w_image/w_task/w_group``) are added;
+    the restoration term is counted once, with ``dense.w_restore``."""
+
+    def __init__(self, dense, hierarchy: LossConfig | None = None):
+        super().__init__()
+        self.dense = dense
+        self.hierarchy = HierarchicalLoss(hierarchy) if hierarchy is not None else None
+
+    def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g = self.dense
+        z = outputs["voxel"]
+        n = z.shape[0] // 2
+        voxel = voxel_infonce(z[:n], z[n:], g.temperature)
+        restore = F.mse_loss(outputs["restore"].float(), batch["clean"])
+        total = g.w_voxel * voxel + g.w_restore * restore
+        terms = {"voxel": voxel, "restore": restore}
+        if self.hierarchy is not None:
+            _, h = self.hierarchy(outputs, batch)
+            c = self.hierarchy.cfg
+            total = total + c.w_image * h["image"] + c.w_task * h["task"] + c.w_group * h["group"]
+            terms.update(image=h["image"], task=h["task"], group=h["group"])
+        return total, terms
+
+
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     return float((logits.argmax(1) == target).float().mean())

@@ -1,4 +1,6 @@
-"""The pretraining loop: catalog -> balanced pair batches -> PretrainNet -> hierarchical loss.
+"""The pretraining loop: catalog -> balanced pair batches -> PretrainNet -> hierarchical loss
+(``method: hssl``), or dense crop pairs -> voxel InfoNCE + restoration (``method: dense``,
+``hssl+dense``: both; see hssl.pretrain.dense).
 
 - Budgets: ``train.max_steps`` is the schedule (linear warm-up, cosine decay); ``stop_at_step``
   and ``time_budget`` end one run early with a checkpoint, and ``--resume`` continues it.
@@ -36,11 +38,11 @@ from ..plan import Plan
 from .catalog import Catalog, build_catalog, load_manifest
 from .config import PretrainConfig
 from .heads import PretrainNet
-from .losses import HierarchicalLoss, accuracy
+from .losses import DenseLoss, HierarchicalLoss, accuracy
 from .sampling import PairBatches, Prefetcher
 
 CHECKPOINT_FORMAT = "hssl-pretrain-checkpoint/1"
-CSV_FIELDS = ["step", "loss", "image", "task", "group", "restore", "task_acc", "group_acc", "lr", "elapsed_s",
+CSV_FIELDS = ["step", "loss", "image", "task", "group", "restore", "voxel", "task_acc", "group_acc", "lr", "elapsed_s",
               "steps_per_s"]
 
 
@@ -278,8 +280,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     plan = make_plan(cfg, catalog)
-    model = PretrainNet(plan, len(catalog.tasks), len(catalog.groups), cfg.model.heads_on,
-                        cfg.model.projection_dim).to(device)
+    dense = "dense" in cfg.method
+    model = PretrainNet(plan, len(catalog.tasks), len(catalog.groups), cfg.model.heads_on, cfg.model.projection_dim,
+                        dense=cfg.dense if dense else None, hssl="hssl" in cfg.method,
+                        seed=cfg.train.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     use_amp = cfg.train.amp and device.type == "cuda"
@@ -297,17 +301,25 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = HierarchicalLoss(cfg.loss)
-    batches = PairBatches(catalog, cfg.data.crop_size, cfg.train.batch_size, cfg.augment, cfg.data.balance,
-                          cfg.train.seed, dist.rank)
+    if dense:
+        from .dense import DensePairBatches
+
+        loss_fn = DenseLoss(cfg.dense, cfg.loss if "hssl" in cfg.method else None)
+        batches = DensePairBatches(catalog, cfg.data, cfg.dense, cfg.train.seed, dist.rank,
+                                   warn=lambda m: _say(m, dist))
+    else:
+        loss_fn = HierarchicalLoss(cfg.loss)
+        batches = PairBatches(catalog, cfg.data.crop_size, cfg.train.batch_size, cfg.augment, cfg.data.balance,
+                              cfg.train.seed, dist.rank)
     prefetch = Prefetcher(batches, cfg.data.prefetch)
 
     end = cfg.train.max_steps if not cfg.train.stop_at_step else min(cfg.train.max_steps, cfg.train.stop_at_step)
-    logger = _Logger(out, step, dist) if dist.main else None
+    logger = _Logger(out, step, dist, cfg.method) if dist.main else None
     if dist.main:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-        _say(f"pretraining on {device.type} x{dist.world}: {sum(p.numel() for p in model.net.parameters()) / 1e6:.2f} M "
-             f"network parameters, crops {tuple(cfg.data.crop_size)} x {cfg.train.batch_size} pairs per process, "
+        size = (f"{cfg.dense.pairs_per_step} crop pairs" if dense else f"{cfg.train.batch_size} pairs") + " per process"
+        _say(f"pretraining ({cfg.method}) on {device.type} x{dist.world}: {sum(p.numel() for p in model.net.parameters()) / 1e6:.2f} M "
+             f"network parameters, crops {tuple(cfg.data.crop_size)} x {size}, "
              f"steps {step} -> {end} of {cfg.train.max_steps}"
              + (f", time budget {cfg.train.time_budget:.0f} s" if cfg.train.time_budget else ""), dist)
     bar = _bar(step, end, dist)
@@ -331,11 +343,20 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
                       "group": torch.from_numpy(batch["group"]).to(device),
                       "clean": torch.from_numpy(batch["clean"]).to(device)}
                 with torch.autocast(device_type=device.type, enabled=use_amp):
-                    outputs = ddp_model(views)
+                    if dense:
+                        voxels = torch.from_numpy(np.concatenate([batch["voxels1"], batch["voxels2"]])).to(device)
+                        outputs = ddp_model(views, voxels)
+                    else:
+                        outputs = ddp_model(views)
                 loss, terms = loss_fn(outputs, tb)
                 if not torch.isfinite(loss):
-                    raise HSSLError(f"the pretraining loss became {loss.item()} at step {step + 1}: lower train.lr "
-                                    "or check the images")
+                    files = sorted({catalog.images[int(i)].source_path for i in batch["image"]})
+                    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                    good = list_checkpoints(ckpt_dir)
+                    raise HSSLError(f"the pretraining loss became {loss.item()} at step {step + 1} (terms: "
+                                    f"{', '.join(bad) or 'the weighted sum'}; batch from {', '.join(files)}); the last "
+                                    f"good checkpoint is {good[-1] if good else 'none'}: lower train.lr, check those "
+                                    "images, then --resume")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -347,11 +368,12 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
                 if first_local_loss is None:
                     first_local_loss = float(loss.item())
                 if step % cfg.train.log_every == 0 or step == end:
-                    level = model.levels[0]
                     row = {"step": step, "loss": float(loss.item()), **{k: float(v.item()) for k, v in terms.items()},
-                           "task_acc": accuracy(outputs["task"][level], tb["task"].repeat(2)),
-                           "group_acc": accuracy(outputs["group"][level], tb["group"].repeat(2)),
                            "lr": optimizer.param_groups[0]["lr"]}
+                    if model.levels:
+                        level = model.levels[0]
+                        row["task_acc"] = accuracy(outputs["task"][level], tb["task"].repeat(2))
+                        row["group_acc"] = accuracy(outputs["group"][level], tb["group"].repeat(2))
                     row = _mean_over_ranks(row, dist)
                     elapsed = time.monotonic() - t0
                     row["elapsed_s"] = round(elapsed_before + elapsed, 2)
@@ -361,7 +383,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
                         logger.write(row)
                     if bar is not None:
                         bar.n = step
-                        bar.set_postfix({"loss": f"{row['loss']:.3f}", "task_acc": f"{row['task_acc']:.2f}"},
+                        bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"task_acc": f"{row['task_acc']:.2f}"}
+                                                                           if "task_acc" in row else {})},
                                         refresh=False)
                         bar.refresh()
                 if step % cfg.train.checkpoint_every == 0 and step < end:
@@ -384,7 +407,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
         summary = {"steps": step, "max_steps": cfg.train.max_steps, "seconds_this_run": round(seconds, 1),
                    "seconds_total": round(elapsed_before + seconds, 1), "stopped_by": stopped_by, "complete": done,
                    "device": device.type, "processes": dist.world, "threads": torch.get_num_threads(),
-                   "final_loss": last_loss, "tasks": catalog.tasks, "groups": catalog.groups,
+                   "final_loss": last_loss, "method": cfg.method, "tasks": catalog.tasks, "groups": catalog.groups,
                    "images": [{"task": im.task, "group": im.group, "source": im.source_path, "shape": list(im.shape),
                                "spacing": list(im.spacing)} for im in catalog.images],
                    "skipped": catalog.skipped, "checkpoint": str(last_ckpt) if last_ckpt else None,
@@ -472,8 +495,8 @@ def _replica_record(out: Path, model, dist: Dist, step: int, first_loss: float |
 class _Logger:
     """log.csv (rows after the resume step, left by a killed run, are dropped), TensorBoard, PNG."""
 
-    def __init__(self, out: Path, start: int, dist: Dist):
-        self.out, self.start = out, start
+    def __init__(self, out: Path, start: int, dist: Dist, method: str = "hssl"):
+        self.out, self.start, self.method = out, start, method
         self.path = out / "log.csv"
         rows = []
         if start > 0 and self.path.exists():
@@ -523,7 +546,9 @@ class _Logger:
             return None
         steps = np.array([int(r["step"]) for r in rows])
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("loss", "image", "task", "group", "restore"):
+        for key in ("loss", "image", "task", "group", "restore", "voxel"):
+            if not rows[0].get(key):
+                continue  # a term this method does not have
             values = np.array([float(r[key]) for r in rows])
             k = max(1, len(values) // 50)
             smooth = np.convolve(values, np.ones(k) / k, mode="valid")
@@ -532,7 +557,8 @@ class _Logger:
         ax.set_ylabel("loss (moving average)")
         ax.set_yscale("log")
         ax.legend()
-        ax.set_title("HSSL pretraining (reconstruction)")
+        ax.set_title({"hssl": "HSSL pretraining (reconstruction)", "dense": "dense voxel-level pretraining",
+                      "hssl+dense": "HSSL + dense pretraining"}.get(self.method, "pretraining"))
         fig.tight_layout()
         path = self.out / "loss_curve.png"
         fig.savefig(path, dpi=100)
