@@ -145,8 +145,11 @@ def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalizat
     divisor = net.plan.divisor
     patch = tuple(max(d, int(np.ceil(p / d)) * d) for p, d in zip(derived.patch_size, divisor))
     net.plan = dataclasses.replace(net.plan, patch_size=patch, spacing=derived.spacing)
-    if source.normalization.scheme != normalization.scheme:
-        progress.log(f"note: the initial model used '{source.normalization.scheme}' normalisation; "
+    # A pretrained model records the normalisation of each modality it saw; a fine-tuned one its own.
+    per_modality = (source.meta.get("pretraining") or {}).get("normalization_per_modality") or {}
+    schemes = {d.get("scheme") for d in per_modality.values() if isinstance(d, dict)} or {source.normalization.scheme}
+    if normalization.scheme not in schemes:
+        progress.log(f"note: the initial model was trained with '{'/'.join(sorted(schemes))}' normalisation; "
                      f"this volume uses '{normalization.scheme}'")
     same = [lab.name for lab in source.labels] == [lab.name for lab in labels]
     if not same:

@@ -239,6 +239,8 @@ def test_bundled_pretrained_model_loads_and_fine_tunes(synthetic, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     start = json_lines(proc.stdout)[0]
     assert start["init"] == "bundled"
+    # The pretraining normalised every modality it saw the way fine-tuning does: no mismatch note.
+    assert "normalisation" not in proc.stderr + proc.stdout
     meta = json.loads((model / "model.json").read_text())
     bundled = json.loads((bundled_model_dir() / "model.json").read_text())
     # The pretrained architecture is kept; only the patch size follows the new volume.
