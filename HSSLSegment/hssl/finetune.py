@@ -119,6 +119,12 @@ def bundled_model_dir(name: str = "default") -> Path:
     return Path(__file__).resolve().parent.parent / "Resources" / "Models" / name
 
 
+def bundled_model_names() -> list[str]:
+    """Names usable as ``--init bundled:NAME`` (``default`` is plain ``--init bundled``)."""
+    root = bundled_model_dir().parent
+    return sorted(p.name for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else []
+
+
 def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalization: Normalization,
                   opts: FinetuneOptions, progress: Progress, device: torch.device) -> tuple[SegNet, bool]:
     """Build the network to fine-tune. Returns (net, continues a model of the same labels?)."""
@@ -132,8 +138,10 @@ def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalizat
         name = init.partition(":")[2] or "default"
         folder = bundled_model_dir(name)
         if not (folder / "model.json").exists():
-            raise HSSLError(f"no pretrained model '{name}' is bundled with this version: use --init scratch "
-                            "(or --init PATH of a model folder)")
+            have = bundled_model_names()
+            raise HSSLError(f"no pretrained model '{name}' is bundled with this version (bundled: "
+                            f"{', '.join(have) or 'none'}): use --init bundled:NAME with one of those, --init "
+                            "scratch or --init PATH of a model folder")
     else:
         folder = Path(init)
     source = load_model(folder)

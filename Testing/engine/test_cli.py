@@ -145,7 +145,8 @@ def test_bad_inputs_fail_with_one_clear_line(synthetic, tmp_path):
     corrupt.write_bytes(synthetic["image"].read_bytes()[:300])
     cases.append((["--image", corrupt], "cannot be read"))
     cases.append((["--segments", "liver"], "not in the labels"))
-    cases.append((["--init", "bundled:nonexistent"], "no pretrained model 'nonexistent'"))
+    cases.append((["--init", "bundled:nonexistent"], "no pretrained model 'nonexistent' is bundled with this version "
+                                                    "(bundled: default"))
     cases.append((["--device", "cuda"], "no CUDA"))
     cases.append((["--steps", "0"], "at least 1"))
     for extra, message in cases:
