@@ -104,6 +104,50 @@ class Geometry:
             return None
         return tuple(int(v) for v in rounded)
 
+    def reversed_axes_in(self, other: "Geometry", rtol: float = 1e-5) -> tuple[int, ...]:
+        """Image axes (0 = i, 1 = j, 2 = k) along which this grid runs opposite to ``other``'s.
+
+        An axis counts as reversed when its direction column is the negated column of ``other``;
+        every other column must be equal and the spacing the same. Empty when no axis is reversed
+        and also when the grids differ in any other way (spacing, rotation, permuted axes): those
+        are for ``offset_in`` to refuse."""
+        if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=0):
+            return ()
+        mine = np.array(self.direction, dtype=np.float64).reshape(3, 3)
+        theirs = np.array(other.direction, dtype=np.float64).reshape(3, 3)
+        axes = []
+        for column in range(3):
+            if np.allclose(mine[:, column], -theirs[:, column], atol=1e-5):
+                axes.append(column)
+            elif not np.allclose(mine[:, column], theirs[:, column], atol=1e-5):
+                return ()
+        return tuple(axes)
+
+    def with_reversed_axes(self, axes: Sequence[int]) -> "Geometry":
+        """The same voxel centres indexed the other way along image axes ``axes`` (0 = i, 1 = j,
+        2 = k): those direction columns negated and the origin moved to the last voxel of each.
+        An array ``[z, y, x]`` on this grid lies on the new one as ``np.flip(array, [2 - a for a in axes])``."""
+        m = self.ijk_to_lps()
+        origin = np.array(self.origin, dtype=np.float64)
+        direction = np.array(self.direction, dtype=np.float64).reshape(3, 3)
+        nrrd_directions = None if self.nrrd_directions is None else np.array(self.nrrd_directions, dtype=np.float64)
+        nrrd_origin = None if self.nrrd_origin is None else np.array(self.nrrd_origin, dtype=np.float64)
+        for a in axes:
+            far = (self.size[a] - 1) * m[:3, a]  # from the first to the last voxel centre along a, mm
+            origin += far
+            direction[:, a] = -direction[:, a]
+            if nrrd_directions is not None and nrrd_origin is not None:
+                nrrd_origin += far
+                nrrd_directions[a] = -nrrd_directions[a]
+        if nrrd_directions is not None and nrrd_origin is not None:
+            nrrd_directions = tuple(tuple(float(v) for v in row) for row in nrrd_directions)
+            nrrd_origin = tuple(float(v) for v in nrrd_origin)
+        else:
+            nrrd_directions = nrrd_origin = None
+        # No nifti_source: that header describes the stored grid, not this one.
+        return Geometry(self.size, self.spacing, tuple(float(v) for v in origin),
+                        tuple(float(v) for v in direction.reshape(-1)), nrrd_directions, nrrd_origin)
+
     def axis_names(self) -> tuple[str, str, str]:
         """Orientation of the slices along each numpy axis (z, y, x): 'axial', 'coronal' or
         'sagittal', from the dominant LPS component of that axis' direction."""
@@ -261,8 +305,11 @@ def read_labels(path: str | os.PathLike, geometry: Geometry,
     """Read a labelmap or a Slicer ``.seg.nrrd`` onto ``geometry``'s grid.
 
     A segmentation stored on a cropped, voxel-aligned part of the image grid (Slicer saves
-    segmentations cropped to their extent) is pasted into the full grid. Any other geometry
-    difference is an error: the labels would no longer lie on the voxels they were painted on.
+    segmentations cropped to their extent) is pasted into the full grid. Labels whose grid runs
+    the other way along some axes (direction columns negated, origin at the far end: Slicer's
+    exports for left-handed volumes) are flipped back onto the image grid, cropped or not. Any
+    other geometry difference, a permutation of axes included, is an error: the labels would no
+    longer lie on the voxels they were painted on.
 
     Segments of a ``.seg.nrrd`` keep their label values when these are unique on one layer, and
     are renumbered 1..N in file order otherwise (names and colours kept); overlapping segments
@@ -304,13 +351,30 @@ def _compact_dtype(array: np.ndarray) -> np.ndarray:
 
 
 def _paste_on_grid(array: np.ndarray, source: Geometry, target: Geometry, path: Path) -> np.ndarray:
+    """``array`` (``[z, y, x]`` on ``source``) on ``target``'s grid, without resampling.
+
+    Accepted: the same grid; a voxel-aligned part of it (a cropped segmentation); either of these
+    indexed the other way along some axes (Slicer reverses the slice axis of left-handed volumes
+    when it loads them, so its exports of such a volume run opposite to the file's grid). A
+    reversed axis is undone by flipping the array, which moves no voxel in physical space.
+    """
     if source.same_grid(target):
         return array
-    offset = source.offset_in(target)
+    reversed_axes = source.reversed_axes_in(target)
+    grid = source.with_reversed_axes(reversed_axes) if reversed_axes else source
+    offset = grid.offset_in(target)
     if offset is None:
         raise HSSLError(f"labels '{path}' do not match the image geometry (labels: {source.describe()}; "
                         f"image: {target.describe()}): export the segmentation with the image as "
                         "reference geometry (Slicer: Segmentations > Export to files, or resample it)")
+    if reversed_axes:
+        names = target.axis_names()
+        log.info("labels '%s' are stored with axis %s reversed (as Slicer indexes left-handed volumes): "
+                 "flipped onto the image grid", path,
+                 ", ".join(f"{'ijk'[a]} ({names[2 - a]})" for a in reversed_axes))
+        array = np.ascontiguousarray(np.flip(array, [2 - a for a in reversed_axes]))
+        if offset == (0, 0, 0) and grid.size == target.size:
+            return array
     out = np.zeros(target.shape, dtype=array.dtype)
     src_slices, dst_slices = [], []
     for axis in range(3):  # numpy axis order z, y, x; offset is (i, j, k)
