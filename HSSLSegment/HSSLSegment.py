@@ -24,7 +24,8 @@ from slicer import (vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmen
 
 from HSSLSegmentLib import dependencies, mrml_io
 from HSSLSegmentLib.job_protocol import DEVICES, EventType, Phase, describeProgress, formatDuration
-from HSSLSegmentLib.model_registry import ModelError, ModelRegistry, readModelInfo
+from HSSLSegmentLib.model_registry import (DEFAULT_BUNDLED, ModelError, ModelRegistry, bundledModelChoices,
+                                           readModelInfo)
 from HSSLSegmentLib.process import JobState
 from HSSLSegmentLib.segmentation_jobs import JobOutcome, SegmentationJobs
 from HSSLSegmentLib.training_chart import TrainingChart
@@ -73,8 +74,9 @@ class HSSLSegmentParameterNode:
     inputVolume: the scan. annotationSegmentation: the sparse annotation (painted slices).
     selectedSegments: names of the segments to learn (empty: all). detectedSlices: the painted
     slices found (e.g. "axial:12, axial:30"). backgroundSlices: slices annotated as background only.
-    modelSource: where fine-tuning starts from. currentModelPath: the model folder that Predict,
-    Apply and Save use (set after each fine-tuning). timeBudgetS: seconds of fine-tuning.
+    modelSource: where fine-tuning starts from. bundledModel: which bundled pretrained model (folder
+    name under Resources/Models) "Pretrained (bundled)" means. currentModelPath: the model folder that
+    Predict, Apply and Save use (set after each fine-tuning). timeBudgetS: seconds of fine-tuning.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -83,6 +85,8 @@ class HSSLSegmentParameterNode:
     detectedSlices: str = ""
     backgroundSlices: str = ""
     modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = "From scratch"
+    # Not a Choice: the bundled models are found on disk at run time, so the Widget fills its combo box.
+    bundledModel: str = DEFAULT_BUNDLED
     currentModelPath: pathlib.Path
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     timeBudgetS: Annotated[int, WithinRange(10, 86400)] = 120
@@ -123,6 +127,8 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._chart = None
         self._plotViewNode = None
         self._updatingSegments = False
+        self._bundledChoices = []
+        self._updatingBundledModels = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -159,6 +165,8 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.dependenciesButton.connect("clicked(bool)", self.onDependenciesButton)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
+        self.ui.bundledModelComboBox.connect("currentIndexChanged(int)", self.onBundledModelChanged)
+        self.ui.modelCardButton.connect("clicked(bool)", self.onModelCardButton)
 
         self.initializeParameterNode()
         self.updateDependencyLabel()
@@ -218,6 +226,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.populateBundledModels()
             self.onAnnotationChanged(self._parameterNode.annotationSegmentation)
             self.ui.statusLabel.text = self._parameterNode.lastStatus
             if self._parameterNode.trainingChart:
@@ -246,6 +255,51 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.detectSlicesButton.enabled = haveInputs
         self.ui.stepsSpinBox.enabled = p.useStepBudget
         self.ui.timeBudgetSpinBox.enabled = not p.useStepBudget
+        self.updateBundledModelPicker()
+
+    def populateBundledModels(self) -> None:
+        """Fill the pretrained-model combo box from the models on disk (folder name as item data)."""
+        selected = (self._parameterNode.bundledModel if self._parameterNode else "") or DEFAULT_BUNDLED
+        self._bundledChoices = self.logic.bundledModelChoices(selected)
+        combo = self.ui.bundledModelComboBox
+        self._updatingBundledModels = True
+        try:
+            combo.clear()
+            for index, choice in enumerate(self._bundledChoices):
+                combo.addItem(choice.label, choice.name)
+                combo.setItemData(index, choice.toolTip, qt.Qt.ToolTipRole)
+        finally:
+            self._updatingBundledModels = False
+        self.updateBundledModelPicker()
+
+    def updateBundledModelPicker(self) -> None:
+        """Show the parameter node's bundled model; usable only when starting from a bundled model."""
+        p = self._parameterNode
+        if p is None:
+            return
+        wanted = p.bundledModel or DEFAULT_BUNDLED
+        names = [choice.name for choice in self._bundledChoices]
+        if wanted not in names:  # set from the console or by a loaded scene: list it (marked if missing)
+            self.populateBundledModels()  # the new list always holds ``wanted``
+            return
+        index = names.index(wanted)
+        choice = self._bundledChoices[index]
+        combo = self.ui.bundledModelComboBox
+        if combo.currentIndex != index:
+            self._updatingBundledModels = True
+            try:
+                combo.currentIndex = index
+            finally:
+                self._updatingBundledModels = False
+        fromBundled = p.modelSource == "Pretrained (bundled)"
+        combo.enabled = fromBundled and any(c.available for c in self._bundledChoices)
+        combo.toolTip = choice.toolTip
+        self.ui.modelCardButton.enabled = fromBundled and choice.modelCard is not None
+
+    def onBundledModelChanged(self, index: int) -> None:
+        if self._updatingBundledModels or self._parameterNode is None or index < 0:
+            return
+        self._parameterNode.bundledModel = str(self.ui.bundledModelComboBox.itemData(index))
 
     def onAnnotationChanged(self, node) -> None:
         self.ui.segmentsTableView.setSegmentationNode(node)
@@ -361,7 +415,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.prepareForJob()
             self.logic.finetune(
                 p.inputVolume, p.annotationSegmentation, segments=self.selectedSegmentsOrNone(),
-                init=self.logic.initForSource(p.modelSource, _modelPathOrNone(p.currentModelPath)),
+                init=self.logic.initForSource(p.modelSource, _modelPathOrNone(p.currentModelPath), p.bundledModel),
                 timeBudgetS=None if p.useStepBudget else p.timeBudgetS, steps=p.steps if p.useStepBudget else None,
                 device=p.device, seed=p.seed, backgroundSlices=p.backgroundSlices, predict=p.predictAfterTraining,
                 predictionTarget=self.predictionTargetFor(p.inputVolume), waitForCompletion=False)
@@ -429,6 +483,12 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.currentModelPath = pathlib.Path(info.path)
             self._parameterNode.modelSource = "Current model"
             self.setStatus(_("Loaded model ") + info.describe())
+
+    def onModelCardButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot open the model card."), waitCursor=True):
+            card = self.logic.bundledModelCard(self._parameterNode.bundledModel)
+            if not qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(card)):
+                slicer.util.infoDisplay(_("No application opens Markdown files here. The model card is at:\n") + card)
 
     def onShow3DToggled(self, checked: bool) -> None:
         node = self._parameterNode.predictionSegmentation if self._parameterNode else None
@@ -598,12 +658,29 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
             raise mrml_io.InputError("No annotation: select the segmentation that holds your painted slices.")
         return mrml_io.detectSlices(volumeNode, segmentationNode, segments)
 
-    def initForSource(self, modelSource: str, currentModelPath: Optional[str]) -> str:
-        """The job's ``init`` for a model-source choice of the GUI."""
+    def bundledModelChoices(self, selected: Optional[str] = None) -> list:
+        """The bundled pretrained models as (name, label, toolTip, modelCard) entries, ``default``
+        first; ``selected`` is kept as an unavailable entry when this version does not ship it."""
+        return bundledModelChoices(self.registry.bundledModels(), selected)
+
+    def bundledModelCard(self, name: str = DEFAULT_BUNDLED) -> str:
+        """Path of the MODEL_CARD.md of a bundled model (what it was pretrained on, and how)."""
+        model = self.registry.findBundled(name or DEFAULT_BUNDLED)
+        if model.modelCard is None:
+            raise ModelError(_("The bundled model '{0}' has no MODEL_CARD.md: its model.json in {1} describes "
+                               "it.").format(model.name, model.path))
+        return str(model.modelCard)
+
+    def initForSource(self, modelSource: str, currentModelPath: Optional[str],
+                      bundledModel: str = DEFAULT_BUNDLED) -> str:
+        """The job's ``init`` for a model-source choice of the GUI.
+
+        bundledModel: folder name of the bundled model that "Pretrained (bundled)" starts from; gives
+        ``"bundled"`` for ``default`` and ``"bundled:<name>"`` otherwise, and :class:`ModelError`
+        (listing the shipped models) for a name this version does not ship.
+        """
         if modelSource == "Pretrained (bundled)":
-            if not self.registry.bundledModels():
-                raise ModelError(_("No pretrained model is bundled with this version: choose 'From scratch'."))
-            return "bundled"
+            return self.registry.bundledInit(bundledModel)
         if modelSource == "Current model":
             if not currentModelPath:
                 raise ModelError(_("No current model: fine-tune once or load a model folder first."))

@@ -4,7 +4,8 @@ A model is a folder written by the engine: ``model.json`` (format ``hssl-model/1
 normalisation, plan, training log) and ``model.safetensors`` (weights). This module only reads the
 JSON; it never loads weights (no torch on the Slicer side).
 
-- Bundled: ``<module>/Resources/Models/<name>/`` - passed to the engine as ``init: "bundled:<name>"``.
+- Bundled: ``<module>/Resources/Models/<name>/`` - passed to the engine as ``init: "bundled:<name>"``
+  (plain ``"bundled"`` for the one named ``default``). Each may carry a ``MODEL_CARD.md``.
 - Saved: a user folder (default ``<Slicer user settings>/HSSLSegment/Models``), one sub-folder per
   model; passed to the engine by absolute path.
 
@@ -24,6 +25,8 @@ from typing import Iterable
 MODEL_FORMAT = "hssl-model/1"
 META_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "MODEL_CARD.md"
+DEFAULT_BUNDLED = "default"  # the bundled model that a plain ``init: "bundled"`` means
 
 
 class ModelError(ValueError):
@@ -40,6 +43,13 @@ class ModelInfo:
     labels: list[dict]  # [{"name", "value", "color"}], network class order
     created: str = ""
     description: str = ""
+    pretrainingMethod: str = ""  # model.json "pretraining.method"; empty for models never pretrained
+
+    @property
+    def modelCard(self) -> Path | None:
+        """The folder's MODEL_CARD.md, or None when it has none."""
+        card = self.path / CARD_FILE
+        return card if card.is_file() else None
 
     @property
     def segmentNames(self) -> list[str]:
@@ -76,8 +86,51 @@ def readModelInfo(folder: str | os.PathLike, kind: str = "saved") -> ModelInfo:
     labels = meta.get("labels")
     if not isinstance(labels, list) or not all(isinstance(label, dict) and "name" in label for label in labels):
         raise ModelError(f"Model '{folder.name}': {META_FILE} has no valid label table.")
+    pretraining = meta.get("pretraining")
+    method = pretraining.get("method", "") if isinstance(pretraining, dict) else ""
     return ModelInfo(folder.name, folder, kind, labels, str(meta.get("created", "")),
-                     str(meta.get("description", "")))
+                     str(meta.get("description", "")), str(method or ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class BundledModelChoice:
+    """One entry of the GUI's pretrained-model picker.
+
+    name: the folder name, stored in the parameter node and turned into the job's ``init``.
+    label: the text shown in the list. toolTip: description, pretraining method and card location.
+    modelCard: the MODEL_CARD.md to open, or None. available: False for a name remembered by a scene
+    whose model is not shipped with this version (shown so that the user sees what is missing).
+    """
+
+    name: str
+    label: str
+    toolTip: str
+    modelCard: Path | None = None
+    available: bool = True
+
+
+def bundledModelChoices(models: Iterable[ModelInfo], selected: str | None = None) -> list[BundledModelChoice]:
+    """The entries of the pretrained-model picker, ``default`` first, then by name.
+
+    models: the bundled models (``ModelRegistry.bundledModels()``). selected: the name the scene
+    remembers; when no model has that name, an unavailable entry for it is appended, so a scene saved
+    with another version does not silently switch to a different model.
+    """
+    ordered = sorted(models, key=lambda model: (model.name != DEFAULT_BUNDLED, model.name))
+    choices = []
+    for model in ordered:
+        lines = [model.description or "(no description in model.json)"]
+        if model.pretrainingMethod:
+            lines.append(f"Pretraining: {model.pretrainingMethod}")
+        lines.append(f"Model card: {model.modelCard}" if model.modelCard else "No model card.")
+        choices.append(BundledModelChoice(model.name, model.name, "\n".join(lines), model.modelCard))
+    if selected and selected not in {choice.name for choice in choices}:
+        shipped = ", ".join(choice.name for choice in choices) or "none"
+        choices.append(BundledModelChoice(
+            selected, f"{selected} (not in this version)",
+            f"No bundled model '{selected}' in this version (bundled: {shipped}): pick another one.",
+            None, available=False))
+    return choices
 
 
 def checkModelSegments(model: ModelInfo, selected: Iterable[str], forPrediction: bool) -> str | None:
@@ -134,14 +187,28 @@ class ModelRegistry:
     def allModels(self) -> list[ModelInfo]:
         return self.bundledModels() + self.savedModels()
 
+    def findBundled(self, name: str = DEFAULT_BUNDLED) -> ModelInfo:
+        """The bundled model of that folder name; :class:`ModelError` listing the shipped ones if absent."""
+        models = self.bundledModels()
+        if not models:
+            raise ModelError("No pretrained model is bundled with this version: choose 'From scratch'.")
+        for model in models:
+            if model.name == name:
+                return model
+        shipped = ", ".join(model.name for model in models)
+        raise ModelError(f"No bundled model '{name}' in this version (bundled: {shipped}): pick one of those as "
+                         "the pretrained model, or choose 'From scratch' or a saved model.")
+
+    def bundledInit(self, name: str | None = DEFAULT_BUNDLED) -> str:
+        """The job's ``init`` that starts from the bundled model ``name`` (checked to exist):
+        ``"bundled"`` for ``default`` (also for an empty name), ``"bundled:<name>"`` otherwise."""
+        model = self.findBundled(name or DEFAULT_BUNDLED)
+        return "bundled" if model.name == DEFAULT_BUNDLED else f"bundled:{model.name}"
+
     def find(self, nameOrPath: str) -> ModelInfo:
         """A model by bundled/saved name, ``bundled[:<name>]`` or folder path."""
         if nameOrPath == "bundled" or nameOrPath.startswith("bundled:"):
-            wanted = nameOrPath.partition(":")[2] or "default"
-            for model in self.bundledModels():
-                if model.name == wanted:
-                    return model
-            raise ModelError(f"No bundled model '{wanted}' in this version: choose 'from scratch' or a saved model.")
+            return self.findBundled(nameOrPath.partition(":")[2] or DEFAULT_BUNDLED)
         path = Path(nameOrPath)
         if path.is_absolute() or path.exists():
             return readModelInfo(path, "bundled" if self.bundledDir and self.bundledDir in path.parents else "saved")
