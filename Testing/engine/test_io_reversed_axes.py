@@ -106,7 +106,9 @@ def test_labels_reversed_along_in_plane_axes_read_like_the_original(tmp_path, re
     ref = rev_reference_array()
     for suffix in (".nrrd", ".seg.nrrd"):
         path = rev_write_reversed(tmp_path / f"reversed{suffix}", ref, axes)
-        np.testing.assert_array_equal(io.read_labels(path, geometry).array, ref)
+        back = io.read_labels(path, geometry).array
+        np.testing.assert_array_equal(back, ref)
+        assert back.shape == geometry.shape and back.any()
 
 
 def test_reversed_and_cropped_segmentation_is_flipped_and_pasted(tmp_path, rev_image):
@@ -121,7 +123,9 @@ def test_reversed_and_cropped_segmentation_is_flipped_and_pasted(tmp_path, rev_i
     sitk.WriteImage(rev_sitk(flipped, origin=o, direction=d), str(tmp_path / "crop.nrrd"))
     expected = np.zeros_like(ref)
     expected[z0:11, y0:15, x0:16] = part
-    np.testing.assert_array_equal(io.read_labels(tmp_path / "crop.nrrd", geometry).array, expected)
+    back = io.read_labels(tmp_path / "crop.nrrd", geometry).array
+    np.testing.assert_array_equal(back, expected)
+    assert back.shape == geometry.shape and int(back.sum()) == int(part.sum()) > 0
 
 
 def test_flip_is_logged(tmp_path, rev_image, caplog):
