@@ -163,8 +163,7 @@ def majority_normalization(summary: dict) -> Normalization:
 
 
 def export_hssl_model(folder: Path, net: SegNet, cfg: PretrainConfig, summary: dict, command: str | None = None) -> Path:
-    meta = {"description": cfg.export.description or f"{cfg.export.name}: HSSL-style multi-domain pretraining "
-                                                      "(reconstruction); fine-tune before use",
+    meta = {"description": cfg.export.description or f"{cfg.export.name}: {method_text(cfg)}; fine-tune before use",
             "name": cfg.export.name, "pretraining": pretraining_meta(cfg, summary)}
     save_model(folder, net, [], majority_normalization(summary), extra=meta, overwrite=True)
     (folder / CARD).write_text(model_card(cfg, summary, command))
@@ -235,3 +234,77 @@ def export_all(cfg: PretrainConfig, net: SegNet, summary: dict, command: str | N
     model_dir = export_hssl_model(out / "model", net, cfg, summary, command) if cfg.export.hssl_model else None
     bundle_dir = export_bundle(out / "bundle", net, cfg, summary, command) if cfg.export.monai_bundle else None
     return model_dir, bundle_dir
+
+
+def install_bundled(source: str | Path, name: str, half: bool = False, description: str | None = None,
+                    root: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Copy a pretrained model folder into the extension as ``--init bundled:NAME`` (``default``:
+    plain ``--init bundled``): ``<root>/<name>/`` with model.json, model.safetensors and the card.
+
+    ``half`` stores the weights as float16 (half the size; fine-tuning loads them into float32).
+    Written to a temporary sibling and renamed, so a failed copy never leaves half a model.
+    """
+    import os
+    import re
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..finetune import bundled_model_dir
+    from ..model_store import META, WEIGHTS, load_model
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise HSSLError(f"bundled model name '{name}' must be letters, digits, '.', '_' or '-'")
+    model = load_model(source)  # validates the folder
+    if model.labels:
+        raise HSSLError(f"'{source}' is a fine-tuned model (labels {[lab.name for lab in model.labels]}): bundle "
+                        "pretrained models (no labels) only, or share the folder itself")
+    root = Path(root) if root else bundled_model_dir().parent
+    dest = root / name
+    if dest.exists() and not overwrite:
+        raise HSSLError(f"a bundled model '{name}' already exists in '{root}': pass --overwrite to replace it")
+    meta = dict(model.meta)
+    meta["name"] = name if name != "default" else meta.get("name", name)
+    if description:
+        meta["description"] = description
+    meta["weights_dtype"] = "float16" if half else "float32"
+    card_path = Path(source) / CARD
+    card = card_path.read_text() if card_path.is_file() else f"# {name}\n\n{meta.get('description', '')}\n"
+    if description:
+        lines = card.splitlines()
+        if len(lines) > 2 and lines[2].strip() and not lines[2].startswith("#"):
+            lines[2] = description  # the card's opening paragraph is the export description
+        else:
+            lines[1:1] = ["", description]
+        card = "\n".join(lines) + "\n"
+    card += (f"\n## Shipped copy\nBundled as `{name}` (`hssl finetune --init "
+             f"{'bundled' if name == 'default' else 'bundled:' + name}`), weights stored as "
+             f"{'float16 (fine-tuning loads them into float32)' if half else 'float32'}.\n")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    except OSError as err:
+        raise HSSLError(f"cannot write in '{root}' ({err.strerror}): choose a writable folder") from None
+    try:
+        state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+                 for k, v in model.net.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CARD).write_text(card)
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
+            os.replace(dest, old / name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "no space left on the device" if err.errno == 28 else (err.strerror or str(err))
+        raise HSSLError(f"cannot write the bundled model '{dest}' ({reason}): free space or choose another "
+                        "folder") from None
+    load_model(dest)  # the copy loads
+    return dest
