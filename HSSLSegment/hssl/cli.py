@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="3D volume: .nrrd, .nii(.gz), .mha or a DICOM series folder")
     p.add_argument("--labels", required=True, help="sparse annotation: labelmap or Slicer .seg.nrrd")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--init", default="scratch", help="scratch | bundled (the default pretrained model) | "
-                   "bundled:NAME (another shipped model: default, dense, ...) | PATH of a model folder")
+    p.add_argument("--init", default="scratch", help="auto (the shipped default pretrained model if installed, else "
+                   "scratch) | scratch | bundled (the default pretrained model) | bundled:NAME (another shipped "
+                   "model) | PATH of a model folder")
     _budget_args(p)
     p.add_argument("--slices", nargs="+", default=None, metavar="ORIENT:I[,J]",
                    help="the annotated slices, e.g. axial:12,30 coronal:40 (default: detect from the labels); "

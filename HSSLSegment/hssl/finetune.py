@@ -125,6 +125,18 @@ def bundled_model_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else []
 
 
+def resolve_init(init: str, progress: Progress | None = None) -> str:
+    """``auto``: the default pretrained model when the extension ships one, otherwise ``scratch``
+    (an engine installed without the module's Resources folder); anything else unchanged."""
+    if init != "auto":
+        return init
+    if (bundled_model_dir() / "model.json").is_file():
+        return "bundled"
+    if progress is not None:
+        progress.log("note: no pretrained model is installed with this engine: training from scratch")
+    return "scratch"
+
+
 def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalization: Normalization,
                   opts: FinetuneOptions, progress: Progress, device: torch.device) -> tuple[SegNet, bool]:
     """Build the network to fine-tune. Returns (net, continues a model of the same labels?)."""
@@ -195,7 +207,8 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     normalization = for_modality(opts.modality, volume.array)
     image = normalization.apply(volume.array)
 
-    net, continuing = initial_model(opts.init, volume, table, normalization, opts, progress, device)
+    init = resolve_init(opts.init, progress)
+    net, continuing = initial_model(init, volume, table, normalization, opts, progress, device)
     plan = net.plan
     holdout = choose_holdout(target, annotation.slices) if opts.holdout and annotation.slices else None
     names = volume.geometry.axis_names()
@@ -231,7 +244,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     progress.event("start", device=device.type, phase="finetune",
                    annotated_slices=[s.name(names) for s in annotation.slices],
                    heldout=holdout.name(names) if holdout else None,
-                   labels=[lab.to_json() for lab in table], plan=plan.to_json(), init=opts.init)
+                   labels=[lab.to_json() for lab in table], plan=plan.to_json(), init=init)
     progress.log(f"fine-tuning on {device.type}: {len(annotation.slices)} annotated slice(s) "
                  f"{[s.name(names) for s in annotation.slices]}, patch {plan.patch_size}, "
                  f"held out: {holdout.name(names) if holdout else 'none'}")
@@ -311,7 +324,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     meta = {
         "training": {
             "steps": step, "seconds": round(seconds, 1), "device": device.type, "seed": opts.seed,
-            "init": opts.init, "lr": lr, "batch_size": batch_size, "stopped": stopped,
+            "init": init, "lr": lr, "batch_size": batch_size, "stopped": stopped,
             "annotated_slices": [s.name(names) for s in annotation.slices], "annotation": annotation.source,
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
