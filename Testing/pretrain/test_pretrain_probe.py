@@ -4,6 +4,7 @@ annotated voxels count, the probed network stays untouched, bad input fails with
 Synthetic tensors and a 3-level network keep these in a few seconds; one smoke test runs on a
 real sample scan when the scans are cached."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,6 +106,30 @@ def test_probe_volume_leaves_the_network_unchanged():
     assert row["levels"] == [0, 1, 2] and row["channels"] == [4, 8, 16]
     assert all(s % d == 0 for s, d in zip(row["roi_shape"], TINY_PLAN.divisor))
     assert len(row["annotated"]) == 2 and row["dice"] is not None and 0.0 <= row["dice"] <= 1.0
+    lo, hi = min(row["annotated"]), max(row["annotated"])
+    if hi - lo > 1:  # unannotated slices between the annotated ones: the interpolation score exists
+        assert row["dice_between"] is not None and 0.0 <= row["dice_between"] <= 1.0
+    assert 0.0 <= row["dice_raw"] <= 1.0
+
+
+def test_dice_between_scores_only_the_slices_between_the_annotated_ones(monkeypatch):
+    # A read-out that is perfect between the annotated slices and paints everything beyond them:
+    # dice_between is 1, the Dice over all unannotated slices is much lower.
+    torch.manual_seed(0)
+    net = SegNet(TINY_PLAN, out_channels=2)
+    image, ref = blob_case()
+    span = np.nonzero(ref.any(axis=(1, 2)))[0]
+
+    def fake_fit(features, target, known, steps, seed, lr, n_classes=2):
+        pred = np.ones(ref.shape, dtype=np.int64)
+        pred[span[0]:span[-1] + 1] = ref[span[0]:span[-1] + 1]
+        return SimpleNamespace(prediction=torch.from_numpy(pred), losses=[0.0])
+
+    monkeypatch.setattr(probe, "fit_probe", fake_fit)
+    monkeypatch.setattr(probe, "crop_box", lambda roi, shape, divisor: (tuple(slice(0, s) for s in shape), (0, 0, 0)))
+    row = probe.probe_volume(net, image, ref, (3.0, 1.0, 1.0), n_slices=2, seed=0, steps=1)
+    assert row["dice_between"] == pytest.approx(1.0)
+    assert row["dice"] < 0.9
 
 
 def test_levels_choose_the_heads():

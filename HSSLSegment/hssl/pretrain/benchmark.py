@@ -79,20 +79,20 @@ def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Pat
             "threads": os.environ.get("OMP_NUM_THREADS", "default")}
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: mean (min-max) Dice per case and initialisation."""
+def table(rows: list[dict], key: str = "dice") -> str:
+    """Markdown: mean (and each run's) ``key`` (Dice) per case and initialisation."""
     inits = sorted({r["init"] for r in rows}, key=lambda s: (s != "scratch", s))
     keys = sorted({(r["case"], r["slices"]) for r in rows})
     lines = ["| case | slices | " + " | ".join(inits) + " |", "|---|---|" + "---|" * len(inits)]
     for case, n in keys:
         cells = []
         for init in inits:
-            d = [r["dice"] or 0.0 for r in rows if (r["case"], r["slices"], r["init"]) == (case, n, init)]
+            d = [r.get(key) or 0.0 for r in rows if (r["case"], r["slices"], r["init"]) == (case, n, init)]
             cells.append(f"{np.mean(d):.3f} ({', '.join(f'{v:.3f}' for v in d)})" if d else "-")
         lines.append(f"| {case} | {n} | " + " | ".join(cells) + " |")
     means = []
     for init in inits:
-        d = [r["dice"] or 0.0 for r in rows if r["init"] == init]
+        d = [r.get(key) or 0.0 for r in rows if r["init"] == init]
         means.append(f"**{np.mean(d):.3f}** (n={len(d)})")
     lines.append("| mean | | " + " | ".join(means) + " |")
     return "\n".join(lines)

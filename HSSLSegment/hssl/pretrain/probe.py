@@ -9,7 +9,10 @@ through the frozen network (eval mode, no gradient). Each level of ``SegNet.pyra
 trainable ``Conv3d(C_l, 2, 1)`` (``--levels`` picks a subset); its logits are upsampled
 trilinearly to the crop and the levels are summed. The heads are trained with Adam on the masked CE + Dice of the annotated slices only,
 for a fixed number of full-crop steps; Dice and HD95 are scored on the slices that were not
-annotated (predictions outside the crop are background).
+annotated (predictions outside the crop are background), after the fine-tuning engine's default
+post-processing (only components that touch a painted voxel are kept), so that probe and
+fine-tuning are scored alike; ``dice_raw`` is the read-out before it, ``dice_between`` the Dice on
+the unannotated slices between the outermost annotated ones (interpolation only).
 
     python -m hssl.pretrain.probe --out /tmp/probe --cases brain1 lung2 --slices 2 3 --seeds 0 1 \\
         --init scratch hssl=bundled "dense=/path/model" --steps 300
@@ -175,6 +178,7 @@ def probe_volume(net: SegNet, image: np.ndarray, reference: np.ndarray, spacing_
     that get a head (0 = finest; default all). Returns the scores (Dice and HD95 in mm on the
     unannotated slices) and what was probed."""
     from ..demo import make_sparse, pick_slices
+    from .. import postprocess
     from ..evaluate import dice, hd95
     from ..sparse import SliceRef, annotation_roi, known_mask
 
@@ -212,9 +216,19 @@ def probe_volume(net: SegNet, image: np.ndarray, reference: np.ndarray, spacing_
     inner = tuple(slice(0, b.stop - b.start) for b in box)
     pred[box] = fit.prediction.numpy()[inner] > 0
     region = ~known
-    p, r = pred & region, reference.astype(bool) & region
-    return {"slices": n_slices, "annotated": slices, "seed": seed, "steps": steps, "lr": lr,
-            "dice": dice(p, r), "hd95_mm": hd95(p, r, tuple(reversed(spacing_zyx))),
+    r = reference.astype(bool) & region
+    raw = pred & region
+    # Scored like a fine-tuned prediction (hssl evaluate after the default post-processing): only
+    # the components that touch a painted voxel are kept. The raw read-out's Dice is kept too.
+    kept = postprocess.apply(pred.astype(np.uint8), sparse, known, "annotated-components") > 0
+    p = kept & region
+    # Between the outermost annotated slices the probe interpolates; beyond them it extrapolates
+    # from slices that all contain the structure, which a linear read-out does badly (it paints the
+    # end slices). ``dice_between`` isolates the interpolation.
+    index = np.arange(reference.shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
+    between = region & (index > min(slices)) & (index < max(slices))
+    return {"dice_between": dice(kept & between, reference.astype(bool) & between),"slices": n_slices, "annotated": slices, "seed": seed, "steps": steps, "lr": lr,
+            "dice": dice(p, r), "hd95_mm": hd95(p, r, tuple(reversed(spacing_zyx))), "dice_raw": dice(raw, r),
             "seconds": round(seconds, 1), "features_s": round(t_features, 1),
             "final_loss": round(fit.losses[-1], 4), "roi_shape": [int(s) for s in crop.shape],
             "roi_zyx": [[b.start, b.stop] for b in box], "levels": levels,
@@ -322,7 +336,11 @@ def _run(a) -> int:
     labels = {label for label, _ in inits}
     chosen = [r for r in rows if r["case"] in a.cases and r["init"] in labels and r["steps"] == a.steps
               and r.get("level_set", "all") == level_set]
-    print(table(chosen) if chosen else "no results yet")
+    if not chosen:
+        print("no results yet")
+        return 0
+    print(f"Dice on every unannotated slice (levels: {level_set}):\n" + table(chosen))
+    print(f"\nDice between the outermost annotated slices (levels: {level_set}):\n" + table(chosen, "dice_between"))
     return 0
 
 
