@@ -210,3 +210,13 @@ def test_real_scan_smoke():
     assert row["dice"] is None or 0.0 <= row["dice"] <= 1.0
     with pytest.raises(HSSLError, match="spans"):
         probe.probe_case("scratch", "brain1", 50, seed=0, steps=5, threads=1)
+
+
+def test_tables_leave_out_runs_without_a_value_but_count_empty_dice_as_zero():
+    from hssl.pretrain.benchmark import table
+
+    rows = [{"case": "c", "slices": 3, "init": "scratch", "dice": None, "dice_between": None},
+            {"case": "c", "slices": 3, "init": "scratch", "dice": 0.5, "dice_between": 0.8}]
+    assert "| c | 3 | 0.250 (0.000, 0.500) |" in table(rows)
+    assert "| c | 3 | 0.800 (0.800) |" in table(rows, "dice_between")
+    assert "| c | 3 | - |" in table(rows[:1], "dice_between")

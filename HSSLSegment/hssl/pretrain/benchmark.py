@@ -79,6 +79,15 @@ def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Pat
             "threads": os.environ.get("OMP_NUM_THREADS", "default")}
 
 
+def _values(key: str, rows: list[dict]) -> list[float]:
+    """A run's Dice is None when prediction and reference are both empty on the scored slices: that
+    counts as 0 for ``dice`` (the run found nothing); for other keys (e.g. ``dice_between`` when
+    no unannotated slice lies between the annotated ones) the run has no value and is left out."""
+    if key == "dice":
+        return [r.get(key) or 0.0 for r in rows]
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
 def table(rows: list[dict], key: str = "dice") -> str:
     """Markdown: mean (and each run's) ``key`` (Dice) per case and initialisation."""
     inits = sorted({r["init"] for r in rows}, key=lambda s: (s != "scratch", s))
@@ -87,12 +96,12 @@ def table(rows: list[dict], key: str = "dice") -> str:
     for case, n in keys:
         cells = []
         for init in inits:
-            d = [r.get(key) or 0.0 for r in rows if (r["case"], r["slices"], r["init"]) == (case, n, init)]
+            d = _values(key, [r for r in rows if (r["case"], r["slices"], r["init"]) == (case, n, init)])
             cells.append(f"{np.mean(d):.3f} ({', '.join(f'{v:.3f}' for v in d)})" if d else "-")
         lines.append(f"| {case} | {n} | " + " | ".join(cells) + " |")
     means = []
     for init in inits:
-        d = [r.get(key) or 0.0 for r in rows if r["init"] == init]
+        d = _values(key, [r for r in rows if r["init"] == init])
         means.append(f"**{np.mean(d):.3f}** (n={len(d)})")
     lines.append("| mean | | " + " | ".join(means) + " |")
     return "\n".join(lines)
