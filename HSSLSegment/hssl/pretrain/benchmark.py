@@ -102,7 +102,7 @@ def table(rows: list[dict], key: str = "dice") -> str:
     means = []
     for init in inits:
         d = _values(key, [r for r in rows if r["init"] == init])
-        means.append(f"**{np.mean(d):.3f}** (n={len(d)})")
+        means.append(f"**{np.mean(d):.3f}** (n={len(d)})" if d else "-")
     lines.append("| mean | | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
