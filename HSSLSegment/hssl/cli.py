@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="3D volume: .nrrd, .nii(.gz), .mha or a DICOM series folder")
     p.add_argument("--labels", required=True, help="sparse annotation: labelmap or Slicer .seg.nrrd")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--init", default="scratch", help="auto (the shipped default pretrained model if installed, else "
+    p.add_argument("--init", default="auto", help="auto (the shipped default pretrained model if installed, else "
                    "scratch) | scratch | bundled (the default pretrained model) | bundled:NAME (another shipped "
                    "model) | PATH of a model folder")
     _budget_args(p)
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--init", default="scratch")
+    p.add_argument("--init", default="auto", help="auto | scratch | bundled[:NAME] | PATH (as for finetune)")
     p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
     p.add_argument("--no-roi", action="store_true")
     return parser

@@ -71,7 +71,8 @@ def run_demo(a) -> int:
     summary = {"case": a.case, "annotated_slices": slices, "time_budget_s": a.time_budget, "steps": result.steps,
                "finetune_s": round(result.seconds, 1), "predict_s": round(pred["seconds"], 1),
                "total_s": round(time.perf_counter() - t0, 1), "heldout_dice": result.heldout_dice,
-               "dice_unannotated": row["dice"], "hd95_mm_unannotated": row["hd95_mm"], "init": a.init,
+               "dice_unannotated": row["dice"], "hd95_mm_unannotated": row["hd95_mm"],
+               "init": result.model.meta["training"].get("init", a.init),
                "postprocess": a.postprocess, "roi": not a.no_roi, "device": result.model.meta["training"]["device"], "seed": a.seed}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_overlay(out / "overlay.png", volume, ref, pred["labels"], slices, axis, row["dice"])

@@ -47,7 +47,7 @@ class FinetuneOptions:
     lr: float | None = None  # default: 5e-4 to continue a model of the same labels, else 2e-3
     holdout: bool = True
     amp: bool = True
-    init: str = "scratch"  # scratch | bundled | bundled:NAME | path of a model folder
+    init: str = "auto"  # auto (bundled if shipped, else scratch) | scratch | bundled | bundled:NAME | model folder
     modality: str = "auto"
     patch_size: Sequence[int] | None = None
     patch_voxels: int | None = None  # default: smaller on CPU (responsiveness), larger on GPU

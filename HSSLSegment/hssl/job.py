@@ -51,7 +51,7 @@ def run_job(path: str, args=None) -> int:
     budget = job.get("time_budget")
     opts = FinetuneOptions(steps=job.get("steps"), time_budget=budget if (budget or job.get("steps")) else 180.0,
                            device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
-                           init=job.get("init", "scratch"), stop_file=job.get("stop_file"),
+                           init=job.get("init", "auto"), stop_file=job.get("stop_file"),
                            modality=job.get("modality", "auto"), batch_size=int(job.get("batch_size", 2)),
                            roi=bool(job.get("roi", True)))
     opts.validate()
