@@ -1448,6 +1448,14 @@ def plots(results: dict, out: Path) -> list[Path]:
     meta = results["meta"]
     info = {"Description": meta_line(meta), "Software": "scripts/benchmark.py"}
     written = []
+
+    def save(fig, name: str, bottom: float = 0.03) -> None:
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+        _footer(fig, meta)
+        fig.savefig(out / name, dpi=90, metadata=info)
+        plt.close(fig)
+        written.append(out / name)
+
     # Dice against annotated fraction, one panel per case, one line per init (+ the MONAI baseline).
     summary = results["summary"]
     cases = sorted({r["case"] for r in summary})
@@ -1490,12 +1498,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     axes[0][0].set_ylabel("Dice on unannotated slices\n(circled: whole volume)")
     if cases:
         axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _footer(fig, meta)
-    path = out / "dice_vs_fraction.png"
-    fig.savefig(path, dpi=90, metadata=info)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "dice_vs_fraction.png")
 
     # Prediction time and peak RSS per volume and method.
     pred = [r for r in results["prediction"] if "error" not in r]
@@ -1524,12 +1527,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _footer(fig, meta)
-    path = out / "prediction_time_memory.png"
-    fig.savefig(path, dpi=90, metadata=info)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "prediction_time_memory.png")
 
     # Held-out Dice estimate during fine-tuning.
     runs = [r for r in results["quality"] if "error" not in r and r.get("heldout_curve")]
@@ -1547,12 +1545,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     if runs:
         ax.legend(fontsize=6)
     ax.set_title("dotted: 95 % of the final estimate reached", fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, meta)
-    path = out / "heldout_curves.png"
-    fig.savefig(path, dpi=90, metadata=info)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "heldout_curves.png", bottom=0.04)
     return written
 
 

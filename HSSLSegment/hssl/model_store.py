@@ -69,23 +69,29 @@ def save_model(folder: str | os.PathLike, net: SegNet, labels: list[LabelInfo], 
         state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        # mkdtemp makes a private folder; a model folder is meant to be shared and copied.
-        os.chmod(tmp, 0o755)
-        for f in (tmp / WEIGHTS, tmp / META):
-            os.chmod(f, 0o644)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        publish_folder(tmp, folder)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "no space left on the device" if err.errno == 28 else (err.strerror or str(err))
         raise HSSLError(f"cannot write the model folder '{folder}' ({reason}): free space or choose another "
                         "folder") from None
     return folder
+
+
+def publish_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete folder ``tmp`` (a sibling of ``folder``) in place of ``folder`` by renames, so
+    that a reader never sees half a model; an existing ``folder`` is replaced. mkdtemp makes private
+    folders, and a model folder is meant to be shared and copied: 0755 / 0644."""
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
 
 
 def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Model:

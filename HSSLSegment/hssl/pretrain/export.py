@@ -244,14 +244,13 @@ def install_bundled(source: str | Path, name: str, half: bool = False, descripti
     ``half`` stores the weights as float16 (half the size; fine-tuning loads them into float32).
     Written to a temporary sibling and renamed, so a failed copy never leaves half a model.
     """
-    import os
     import re
     import tempfile
 
     from safetensors.torch import save_file
 
     from ..finetune import bundled_model_dir
-    from ..model_store import META, WEIGHTS, load_model
+    from ..model_store import META, WEIGHTS, load_model, publish_folder
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise HSSLError(f"bundled model name '{name}' must be letters, digits, '.', '_' or '-'")
@@ -291,16 +290,7 @@ def install_bundled(source: str | Path, name: str, half: bool = False, descripti
         save_file(state, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / CARD).write_text(card)
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
-            os.replace(dest, old / name)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        publish_folder(tmp, dest)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "no space left on the device" if err.errno == 28 else (err.strerror or str(err))

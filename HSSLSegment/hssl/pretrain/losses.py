@@ -81,14 +81,16 @@ class DenseLoss(nn.Module):
         z = outputs["voxel"]
         n = z.shape[0] // 2
         voxel = voxel_infonce(z[:n], z[n:], g.temperature)
-        restore = F.mse_loss(outputs["restore"].float(), batch["clean"])
-        total = g.w_voxel * voxel + g.w_restore * restore
-        terms = {"voxel": voxel, "restore": restore}
+        terms = {"voxel": voxel}
         if self.hierarchy is not None:
-            _, h = self.hierarchy(outputs, batch)
+            _, terms_h = self.hierarchy(outputs, batch)  # includes the restoration MSE: reused below
+            terms.update(terms_h)
+        else:
+            terms["restore"] = F.mse_loss(outputs["restore"].float(), batch["clean"])
+        total = g.w_voxel * voxel + g.w_restore * terms["restore"]
+        if self.hierarchy is not None:
             c = self.hierarchy.cfg
-            total = total + c.w_image * h["image"] + c.w_task * h["task"] + c.w_group * h["group"]
-            terms.update(image=h["image"], task=h["task"], group=h["group"])
+            total = total + c.w_image * terms["image"] + c.w_task * terms["task"] + c.w_group * terms["group"]
         return total, terms
 
 
