@@ -12,13 +12,14 @@ import sys
 
 from . import __version__
 from .errors import HSSLError
+from .recipe import DEFAULT_RECIPE, DEFAULT_TIME_BUDGET_S, time_budget_or_default
 
 log = logging.getLogger("hssl")
 
 
 def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="seconds of fine-tuning (default 180 when --steps is not given)")
+                   help=f"seconds of fine-tuning (default {DEFAULT_TIME_BUDGET_S:g} when --steps is not given)")
     p.add_argument("--steps", type=int, default=None, help="number of training steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default=None, help="label names for a labelmap, e.g. 1=tumour,2=liver")
     p.add_argument("--segments", default=None, help="comma-separated segment names to learn (default all)")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="intensity normalisation")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None, help=f"patches per step (default {DEFAULT_RECIPE.batch_size})")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--patch-size", default=None, metavar="Z,Y,X", help="override the derived patch size")
     p.add_argument("--no-holdout", action="store_true", help="do not hold out a slice for the Dice estimate")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output")
     p.add_argument("--case", default="lung2", help="sample case: lung1, lung2, brain1, brain2, breast1")
     p.add_argument("--annotated-slices", type=int, default=3)
-    p.add_argument("--time-budget", type=float, default=150)
+    p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -136,7 +137,7 @@ def cmd_finetune(a) -> int:
 
     progress = Progress(json_lines=a.progress_json)
     a._progress = progress
-    opts = FinetuneOptions(steps=a.steps, time_budget=a.time_budget if (a.time_budget or a.steps) else 180.0,
+    opts = FinetuneOptions(steps=a.steps, time_budget=time_budget_or_default(a.time_budget, a.steps),
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
                            amp=not a.no_amp, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
                            stop_file=a.stop_file, roi=not a.no_roi)
@@ -167,14 +168,10 @@ def cmd_predict(a) -> int:
     a._progress = progress
     annotation = roi = None
     if a.annotation:
-        from .io import read_image, read_labels
-        from .sparse import annotation_roi, resolve_annotation
+        from .io import read_image
+        from .workflow import prediction_annotation
 
-        geometry = read_image(a.image).geometry
-        sparse = read_labels(a.annotation, geometry)
-        annotation = (sparse.array, resolve_annotation(sparse.array, geometry.axis_names()).known)
-        if not a.no_roi:
-            roi = annotation_roi(annotation[0], annotation[1], tuple(reversed(geometry.spacing)))
+        annotation, roi = prediction_annotation(a.annotation, read_image(a.image).geometry, use_roi=not a.no_roi)
     out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
                       _csv(a.segments), a.overwrite, progress, annotation, a.postprocess, roi)
     progress.event("done", stopped=False, prediction=out["path"])

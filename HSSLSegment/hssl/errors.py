@@ -12,6 +12,3 @@ class OutOfMemory(HSSLError):
 
     exit_code = 3
 
-
-class Stopped(Exception):
-    """Raised inside loops when a graceful stop was requested."""

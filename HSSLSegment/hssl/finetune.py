@@ -24,17 +24,16 @@ from .device import is_oom, resolve_device
 from .errors import HSSLError, OutOfMemory
 from .io import Labels, LabelInfo, Volume
 from .losses import MaskedDiceCELoss
+from .model_format import bundled_model_dir, missing_bundled_message, parse_init
 from .model_store import Model, load_model
 from .network import SegNet
 from .normalize import Normalization, for_modality
-from .plan import CPU_PATCH_VOXELS, DEFAULT_PATCH_VOXELS, make_plan
+from .plan import make_plan
 from .progress import Eta, Progress
+from .recipe import DEFAULT_RECIPE, FinetuneRecipe
 from .sampling import PatchSampler, augmentation
 from .sparse import Annotation, SliceRef, annotation_roi, choose_holdout, known_mask
-
-HOLDOUT_FRACTION = 0.7  # share of the budget during which the held-out slice stays out
-EVALS = 6  # held-out evaluations during the hold-out phase
-EVAL_SHARE = 0.1  # at most this share of the training time goes to held-out estimates
+from .training import backward_and_step, set_lr
 
 
 @dataclasses.dataclass
@@ -43,17 +42,18 @@ class FinetuneOptions:
     time_budget: float | None = None  # seconds of training (evaluation included)
     device: str = "auto"
     seed: int = 0
-    batch_size: int = 2
-    lr: float | None = None  # default: 5e-4 to continue a model of the same labels, else 2e-3
+    batch_size: int | None = None  # default: the recipe's
+    lr: float | None = None  # default: the recipe's (lower to continue a model of the same labels)
     holdout: bool = True
     amp: bool = True
     init: str = "auto"  # auto (bundled if shipped, else scratch) | scratch | bundled | bundled:NAME | model folder
     modality: str = "auto"
     patch_size: Sequence[int] | None = None
-    patch_voxels: int | None = None  # default: smaller on CPU (responsiveness), larger on GPU
-    fg_fraction: float = 0.33
+    patch_voxels: int | None = None  # default: the recipe's, smaller on CPU (responsiveness) than on GPU
+    fg_fraction: float | None = None  # default: the recipe's
     stop_file: str | None = None
     roi: bool = True  # train and predict around the painted structures (sparse.annotation_roi)
+    recipe: FinetuneRecipe = DEFAULT_RECIPE
 
     def validate(self) -> None:
         if self.steps is None and self.time_budget is None:
@@ -62,7 +62,7 @@ class FinetuneOptions:
             raise HSSLError(f"--steps must be at least 1 (got {self.steps})")
         if self.time_budget is not None and self.time_budget <= 0:
             raise HSSLError(f"--time-budget must be positive seconds (got {self.time_budget})")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise HSSLError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
 
@@ -114,17 +114,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def bundled_model_dir(name: str = "default") -> Path:
-    """Where pretrained models ship inside the extension (``HSSLSegment/Resources/Models/NAME``)."""
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / name
-
-
-def bundled_model_names() -> list[str]:
-    """Names usable as ``--init bundled:NAME`` (``default`` is plain ``--init bundled``)."""
-    root = bundled_model_dir().parent
-    return sorted(p.name for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else []
-
-
 def resolve_init(init: str, progress: Progress | None = None) -> str:
     """``auto``: the default pretrained model when the extension ships one, otherwise ``scratch``
     (an engine installed without the module's Resources folder); anything else unchanged."""
@@ -141,26 +130,20 @@ def initial_model(init: str, volume: Volume, labels: list[LabelInfo], normalizat
                   opts: FinetuneOptions, progress: Progress, device: torch.device) -> tuple[SegNet, bool]:
     """Build the network to fine-tune. Returns (net, continues a model of the same labels?)."""
     n_out = len(labels) + 1
-    if init == "scratch":
-        spacing = tuple(reversed(volume.geometry.spacing))
-        voxels = opts.patch_voxels or (CPU_PATCH_VOXELS if device.type == "cpu" else DEFAULT_PATCH_VOXELS)
-        plan = make_plan(spacing, volume.array.shape, voxels, opts.patch_size)
-        return SegNet(plan, n_out), False
-    if init == "bundled" or init.startswith("bundled:"):
-        name = init.partition(":")[2] or "default"
-        folder = bundled_model_dir(name)
+    spacing = tuple(reversed(volume.geometry.spacing))
+    voxels = opts.patch_voxels or opts.recipe.patch_voxels(device.type)
+    kind, value = parse_init(init)
+    if kind == "scratch":
+        return SegNet(make_plan(spacing, volume.array.shape, voxels, opts.patch_size), n_out), False
+    if kind == "bundled":
+        folder = bundled_model_dir(value)
         if not (folder / "model.json").exists():
-            have = bundled_model_names()
-            raise HSSLError(f"no pretrained model '{name}' is bundled with this version (bundled: "
-                            f"{', '.join(have) or 'none'}): use --init bundled:NAME with one of those, --init "
-                            "scratch or --init PATH of a model folder")
+            raise HSSLError(missing_bundled_message(value))
     else:
-        folder = Path(init)
+        folder = Path(value)
     source = load_model(folder)
     net = source.net
     # Keep the trained architecture (channels, kernels, strides) but size the patch for this volume.
-    spacing = tuple(reversed(volume.geometry.spacing))
-    voxels = opts.patch_voxels or (CPU_PATCH_VOXELS if device.type == "cpu" else DEFAULT_PATCH_VOXELS)
     derived = make_plan(spacing, volume.array.shape, voxels, opts.patch_size)
     divisor = net.plan.divisor
     patch = tuple(max(d, int(np.ceil(p / d)) * d) for p, d in zip(derived.patch_size, divisor))
@@ -228,18 +211,18 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
         if holdout_region is not None:
             holdout_region &= inside
     net.to(device).train()
-    # A model of the same labels (the Slicer loop's "fine-tune again") only needs gentle updates. A
-    # pretrained body with a new head does not: measured on 8 runs (docs/pretraining.md), the
-    # bundled model reached mean Dice 0.43 at 5e-4 but 0.66 at 2e-3 (scratch: 0.55).
-    lr = opts.lr if opts.lr is not None else (5e-4 if continuing else 2e-3)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    recipe = opts.recipe
+    lr = opts.lr if opts.lr is not None else recipe.lr(continuing)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     loss_fn = MaskedDiceCELoss()
     use_amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     rng = np.random.default_rng(opts.seed)
-    sampler = PatchSampler(image, target, train_known, plan.patch_size, rng, opts.fg_fraction)
+    fg_fraction = opts.fg_fraction if opts.fg_fraction is not None else recipe.fg_fraction
+    sampler = PatchSampler(image, target, train_known, plan.patch_size, rng, fg_fraction)
     augment = augmentation(plan.spacing, plan.patch_size, opts.seed)
-    batch_size = opts.batch_size
+    batch_size = opts.batch_size or recipe.batch_size
+    holdout_fraction, evals = recipe.holdout_fraction, recipe.holdout_evals
 
     progress.event("start", device=device.type, phase="finetune",
                    annotated_slices=[s.name(names) for s in annotation.slices],
@@ -252,7 +235,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     history: list[dict] = []
     step, stopped, heldout_dice, eval_seconds = 0, False, None, 0.0
     eta = Eta()
-    next_eval = 1.0 / (EVALS + 1) * HOLDOUT_FRACTION
+    next_eval = 1.0 / (evals + 1) * holdout_fraction
     phase = "finetune"
     with StopRequest(opts.stop_file) as stop:
         while True:
@@ -265,21 +248,20 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                 break
             if holdout is not None and phase == "finetune":
                 if fraction >= next_eval:
-                    # Estimates are skipped while they would take more than EVAL_SHARE of the time so far.
-                    if eval_seconds <= EVAL_SHARE * eta.elapsed():
+                    # Estimates are skipped while they would take more than eval_share of the time so far.
+                    if eval_seconds <= recipe.eval_share * eta.elapsed():
                         t_eval = time.monotonic()
                         heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
                         eval_seconds += time.monotonic() - t_eval
                         net.train()
-                    next_eval += HOLDOUT_FRACTION / (EVALS + 1)
-                if fraction >= HOLDOUT_FRACTION:
+                    next_eval += holdout_fraction / (evals + 1)
+                if fraction >= holdout_fraction:
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
-                    sampler = PatchSampler(image, target, full_known, plan.patch_size, rng, opts.fg_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * (1 - fraction) ** 0.9
+                    sampler = PatchSampler(image, target, full_known, plan.patch_size, rng, fg_fraction)
+            set_lr(optimizer, recipe.lr_at(lr, fraction))
             batch = [augment(sampler.sample()) for _ in range(batch_size)]
             x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
             y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).to(device)
@@ -291,12 +273,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                 if not torch.isfinite(loss):
                     raise HSSLError(f"the loss became {loss.item()} at step {step}: lower --lr or check the "
                                     "image intensities")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-                scaler.step(optimizer)
-                scaler.update()
+                backward_and_step(loss, net.parameters(), optimizer, scaler, recipe.grad_clip)
             except (RuntimeError, MemoryError) as err:
                 if not (isinstance(err, MemoryError) or is_oom(err)):
                     raise
@@ -324,7 +301,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     meta = {
         "training": {
             "steps": step, "seconds": round(seconds, 1), "device": device.type, "seed": opts.seed,
-            "init": init, "lr": lr, "batch_size": batch_size, "stopped": stopped,
+            "init": init, "lr": lr, "batch_size": batch_size, "stopped": stopped, "recipe": recipe.to_json(),
             "annotated_slices": [s.name(names) for s in annotation.slices], "annotation": annotation.source,
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),

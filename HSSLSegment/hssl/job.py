@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import HSSLError
 from .finetune import FinetuneOptions
 from .progress import Progress
+from .recipe import time_budget_or_default
 
 KEYS = {"image", "labels", "segments", "slices", "model_out", "prediction_out", "init", "time_budget", "steps",
         "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size",
@@ -48,11 +49,10 @@ def run_job(path: str, args=None) -> int:
 
     # Leave one core to Slicer's user interface unless the job says otherwise.
     set_threads(job.get("threads") or max(1, (os.cpu_count() or 2) - 1))
-    budget = job.get("time_budget")
-    opts = FinetuneOptions(steps=job.get("steps"), time_budget=budget if (budget or job.get("steps")) else 180.0,
+    opts = FinetuneOptions(steps=job.get("steps"), time_budget=time_budget_or_default(job.get("time_budget"), job.get("steps")),
                            device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
                            init=job.get("init", "auto"), stop_file=job.get("stop_file"),
-                           modality=job.get("modality", "auto"), batch_size=int(job.get("batch_size", 2)),
+                           modality=job.get("modality", "auto"), batch_size=job.get("batch_size"),
                            roi=bool(job.get("roi", True)))
     opts.validate()
     overwrite = bool(job.get("overwrite", False))

@@ -20,13 +20,11 @@ import torch
 from . import __version__
 from .errors import HSSLError
 from .io import LabelInfo
+from .model_format import FORMAT, META, WEIGHTS, ModelFormatError, read_meta
 from .network import SegNet
 from .normalize import Normalization
 from .plan import Plan
 
-FORMAT = "hssl-model/1"
-WEIGHTS = "model.safetensors"
-META = "model.json"
 
 
 @dataclasses.dataclass
@@ -100,22 +98,11 @@ def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu") ->
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise HSSLError(f"model folder '{folder}' does not exist: train one with 'hssl finetune' or check "
-                        "the path")
-    meta_path, weights_path = folder / META, folder / WEIGHTS
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise HSSLError(f"model folder '{folder}' is missing {p.name}: it is not a complete HSSLSegment "
-                            "model; re-train or copy the whole folder")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise HSSLError(f"model folder '{folder}': {META} is corrupt ({err}): re-train or copy the folder "
-                        "again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise HSSLError(f"model folder '{folder}' has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                        f"expected {FORMAT!r}: it was written by another tool or version")
+        meta = read_meta(folder)
+    except ModelFormatError as err:
+        raise HSSLError(str(err)) from None
+    weights_path = folder / WEIGHTS
     try:
         labels = [LabelInfo.from_json(d) for d in meta["labels"]]
         plan = Plan.from_json(meta["plan"])

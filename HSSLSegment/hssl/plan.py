@@ -16,16 +16,14 @@ from typing import Sequence
 import numpy as np
 
 from .errors import HSSLError
+from .recipe import CPU_PATCH_VOXELS, GPU_PATCH_VOXELS  # noqa: F401  (re-exported)
 
 MAX_LEVELS = 5
 MIN_FEATURE = 4  # never downsample an axis of the deepest feature map below this many voxels
 BASE_CHANNELS = 16
 MAX_CHANNELS = 256
-# Voxels per training patch. Small enough for a responsive CPU fine-tune, large enough for context.
-DEFAULT_PATCH_VOXELS = 96 * 96 * 24
-# On a CPU a smaller patch keeps a step near half a second, so a 2-3 minute budget gives a few
-# hundred steps (measured: 12x112x112 at 0.53 s/step vs 14x128x128 at 1.2 s/step on 2 cores).
-CPU_PATCH_VOXELS = 128 * 1024
+# Voxels per training patch: the recipe's budgets (hssl.recipe), smaller on a CPU than on a GPU.
+DEFAULT_PATCH_VOXELS = GPU_PATCH_VOXELS
 
 
 @dataclasses.dataclass(frozen=True)

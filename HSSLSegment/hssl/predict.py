@@ -8,7 +8,6 @@ A 512 x 512 x 300 CT then stays within a few GB on CPU.
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable
 
 import numpy as np
@@ -102,8 +101,3 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
         on_progress(total, total)
     return labels, probs
 
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t

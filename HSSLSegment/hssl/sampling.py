@@ -21,7 +21,7 @@ class PatchSampler:
     """``image`` float32, ``target`` integer classes, ``known`` bool: all ``[z, y, x]`` of one volume."""
 
     def __init__(self, image: np.ndarray, target: np.ndarray, known: np.ndarray, patch: Sequence[int],
-                 rng: np.random.Generator, fg_fraction: float = 0.67):
+                 rng: np.random.Generator, fg_fraction: float):
         self.patch = np.asarray(patch, dtype=int)
         pad = [(0, max(0, int(p) - s)) for p, s in zip(self.patch, image.shape)]
         # Padding is unknown (known=False), so it never counts in the loss.

@@ -1,8 +1,8 @@
 """The user-level operations shared by the CLI, the Slicer job and the demo: files in, files out."""
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +16,7 @@ from .io import (Labels, Volume, check_output, read_image, read_labels, write_la
 from .model_store import Model, load_model, save_model
 from .predict import predict_array
 from .progress import Eta, Progress
-from .sparse import Annotation, resolve_annotation
+from .sparse import Annotation, annotation_roi, resolve_annotation
 
 BYTES_PER_VOXEL = 16  # raw + normalised float32 + labels + masks + working copies, measured loosely
 
@@ -104,36 +104,56 @@ def run_finetune(image: str, labels: str, out: str, opts: FinetuneOptions, progr
     return result
 
 
-def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float | None = None,
-                sw_batch_size: int = 4, probabilities: str | None = None, segments: Sequence[str] | None = None,
-                overwrite: bool = False, progress: Progress | None = None,
-                annotation: tuple[np.ndarray, np.ndarray] | None = None,
-                postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None) -> dict:
-    """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry.
+@dataclasses.dataclass
+class Prediction:
+    """An in-memory prediction on the image grid: ``labels`` ``[z, y, x]`` label values (the model's
+    table, 0 = background), ``probs`` ``(C, z, y, x)`` float16 or None, the table of the segments
+    kept, the device that ran it and the seconds it took."""
 
-    ``annotation`` = (label values, known mask) of the same image: the output then equals the
-    annotation on annotated voxels and, with ``postprocess_mode='annotated-components'``, keeps only
-    the components touching painted voxels (see ``postprocess``). ``roi`` limits prediction to a
-    ``[z, y, x]`` region (the fine-tuning region, see ``sparse.annotation_roi``).
-    """
+    labels: np.ndarray
+    probs: np.ndarray | None
+    label_table: list
+    device: str
+    seconds: float
+
+
+def default_overlap(roi: tuple[slice, ...] | None) -> float:
+    """Sliding-window overlap: inside the small annotation region a denser window grid is cheap and
+    smooths window seams; over a whole volume MONAI's usual 0.25."""
+    return 0.5 if roi is not None else 0.25
+
+
+def prediction_annotation(labels_path: str, geometry, use_roi: bool = True):
+    """The sparse annotation of this image as prediction needs it: ``((label values, known mask), roi)``;
+    ``roi`` is None when ``use_roi`` is False or nothing is painted."""
+    sparse = read_labels(labels_path, geometry)
+    known = resolve_annotation(sparse.array, geometry.axis_names()).known
+    roi = annotation_roi(sparse.array, known, tuple(reversed(geometry.spacing))) if use_roi else None
+    return (sparse.array, known), roi
+
+
+def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: float | None = None,
+                   sw_batch_size: int = 4, probabilities: bool = False, segments: Sequence[str] | None = None,
+                   progress: Progress | None = None, annotation: tuple[np.ndarray, np.ndarray] | None = None,
+                   postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None) -> Prediction:
+    """The product's prediction of a loaded ``volume``: normalise, sliding-window inference (in ``roi``
+    when given), map classes to label values, then with ``annotation`` = (label values, known mask)
+    of this image: the output equals the annotation on annotated voxels and, with
+    ``postprocess_mode='annotated-components'``, keeps only the components touching painted voxels
+    (see ``postprocess``). On GPU out-of-memory it retries one window at a time, then on the CPU."""
     progress = progress or Progress()
     if overlap is None:
-        # Inside the small annotation region a denser window grid is cheap and smooths window seams.
-        overlap = 0.5 if roi is not None else 0.25
-    check_output(out, overwrite)
-    if probabilities:
-        check_output(probabilities, overwrite, "probabilities output")
+        overlap = default_overlap(roi)
     dev = resolve_device(device)
-    if not isinstance(model, Model):
-        model = load_model(model, dev)
     if segments:
         have = [lab.name for lab in model.labels]
         missing = [s for s in segments if s not in have]
         if missing:
             raise HSSLError(f"the model was trained on segments {have}, not {missing}: fine-tune a model for "
                             "those segments or pick another model")
-    volume = read_image(image)
-    check_memory(image, volume.array.size)
+    if annotation is not None and annotation[0].shape != volume.array.shape:
+        raise HSSLError(f"the annotation has shape {annotation[0].shape} but the image {volume.array.shape}: give "
+                        "the annotation of this image")
     eta = Eta()
     x = model.normalization.apply(volume.array)
 
@@ -142,8 +162,8 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
 
     while True:
         try:
-            classes, probs = predict_array(model, x, dev, overlap, sw_batch_size,
-                                           probabilities=bool(probabilities), on_progress=on_progress, roi=roi)
+            classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, probabilities=probabilities,
+                                           on_progress=on_progress, roi=roi)
             break
         except OutOfMemory:
             if dev.type != "cuda":
@@ -163,21 +183,37 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)
     labels = lut[classes]
     if annotation is not None:
-        ann_labels, known = annotation
-        if ann_labels.shape != labels.shape:
-            raise HSSLError(f"the annotation has shape {ann_labels.shape} but the image {labels.shape}: give the "
-                            "annotation of this image")
-        labels = postprocess.apply(labels, ann_labels, known, postprocess_mode)
+        labels = postprocess.apply(labels, annotation[0], annotation[1], postprocess_mode)
     if segments:
         keep = [lab.value for lab in model.labels if lab.name in segments]
         labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
     chosen = [lab for lab in model.labels if not segments or lab.name in segments]
-    write_prediction(out, labels, volume.geometry, chosen, overwrite)
+    return Prediction(labels, probs, chosen, dev.type, eta.elapsed())
+
+
+def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float | None = None,
+                sw_batch_size: int = 4, probabilities: str | None = None, segments: Sequence[str] | None = None,
+                overwrite: bool = False, progress: Progress | None = None,
+                annotation: tuple[np.ndarray, np.ndarray] | None = None,
+                postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None) -> dict:
+    """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry
+    (``predict_volume`` between reading and writing; see there for ``annotation`` and ``roi``)."""
+    progress = progress or Progress()
+    check_output(out, overwrite)
+    if probabilities:
+        check_output(probabilities, overwrite, "probabilities output")
+    if not isinstance(model, Model):
+        model = load_model(model, resolve_device(device))
+    volume = read_image(image)
+    check_memory(image, volume.array.size)
+    pred = predict_volume(model, volume, device, overlap, sw_batch_size, bool(probabilities), segments, progress,
+                          annotation, postprocess_mode, roi)
+    write_prediction(out, pred.labels, volume.geometry, pred.label_table, overwrite)
+    probs = pred.probs
     if probabilities and probs is not None:
         write_labelmap(probabilities, np.moveaxis(probs[1:].astype(np.float32), 0, -1)
                        if probs.shape[0] > 2 else probs[1].astype(np.float32), volume.geometry, overwrite)
-    seconds = eta.elapsed()
-    progress.event("prediction", path=str(out), seconds=round(seconds, 2))
-    progress.log(f"prediction written to {out} ({seconds:.1f} s on {dev.type})")
-    return {"path": str(out), "seconds": seconds, "labels": labels, "geometry": volume.geometry,
-            "label_table": chosen}
+    progress.event("prediction", path=str(out), seconds=round(pred.seconds, 2))
+    progress.log(f"prediction written to {out} ({pred.seconds:.1f} s on {pred.device})")
+    return {"path": str(out), "seconds": pred.seconds, "labels": pred.labels, "geometry": volume.geometry,
+            "label_table": pred.label_table}

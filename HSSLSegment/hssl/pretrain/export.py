@@ -249,7 +249,7 @@ def install_bundled(source: str | Path, name: str, half: bool = False, descripti
 
     from safetensors.torch import save_file
 
-    from ..finetune import bundled_model_dir
+    from ..model_format import bundled_model_dir
     from ..model_store import META, WEIGHTS, load_model, publish_folder
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):

@@ -63,7 +63,7 @@ class ProbeFit:
 def resolve_network(model_init: str) -> SegNet:
     """The network a probe reads: ``scratch`` (random weights, the bundled model's plan; the torch
     RNG must be seeded by the caller), ``bundled``, ``bundled:NAME`` or a model folder."""
-    from ..finetune import bundled_model_dir
+    from ..model_format import bundled_model_dir
     from ..model_store import load_model
     from ..plan import Plan
 

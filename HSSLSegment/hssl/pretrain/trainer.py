@@ -35,6 +35,7 @@ from ..device import resolve_device
 from ..errors import HSSLError
 from ..finetune import StopRequest
 from ..plan import Plan
+from ..training import backward_and_step
 from .catalog import Catalog, build_catalog, load_manifest
 from .config import PretrainConfig
 from .heads import PretrainNet
@@ -357,12 +358,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
                                     f"{', '.join(bad) or 'the weighted sum'}; batch from {', '.join(files)}); the last "
                                     f"good checkpoint is {good[-1] if good else 'none'}: lower train.lr, check those "
                                     "images, then --resume")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                backward_and_step(loss, model.parameters(), optimizer, scaler, cfg.train.grad_clip)
                 scheduler.step()
                 step += 1
                 if first_local_loss is None:
