@@ -1,5 +1,5 @@
 """Dense voxel-level pretraining: views, corruptions and the voxel vector (Kats et al., ISBI 2024,
-which extends vox2vec; what we know of their code is in ../shared/docs/methods.md, section 2).
+which extends vox2vec; what we know of the method and its code is in docs/methods.md, section 3).
 
 One step of ``method: dense``:
 
