@@ -26,6 +26,12 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic: auto = bfloat16 on GPUs and CPUs that compute it natively, else float32")
+    p.add_argument("--no-amp", action="store_true", help="full float32 (same as --precision fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hssl", description="Few-slice 3D segmentation (HSSLSegment engine)")
     parser.add_argument("--version", action="version", version=f"hssl {__version__}")
@@ -54,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-holdout", action="store_true", help="do not hold out a slice for the Dice estimate")
     p.add_argument("--no-roi", action="store_true",
                    help="train and predict on the whole volume, not only around the painted structures")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    _precision_args(p)
     p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
     p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
     p.add_argument("--predict", default=None, metavar="OUT", help="also predict the image into OUT afterwards")
@@ -70,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default 0.25; 0.5 inside the annotation region)")
     p.add_argument("--sw-batch-size", type=int, default=4)
+    _precision_args(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--probabilities", default=None, metavar="PATH", help="also write foreground probabilities")
     p.add_argument("--segments", default=None, help="only these segment names (comma-separated)")
@@ -139,7 +146,7 @@ def cmd_finetune(a) -> int:
     a._progress = progress
     opts = FinetuneOptions(steps=a.steps, time_budget=time_budget_or_default(a.time_budget, a.steps),
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
-                           amp=not a.no_amp, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
+                           precision="fp32" if a.no_amp else a.precision, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
                            stop_file=a.stop_file, roi=not a.no_roi)
     opts.validate()
     if a.predict:
@@ -152,7 +159,8 @@ def cmd_finetune(a) -> int:
     if a.predict:
         prediction = run_predict(result.model, a.image, a.predict, device=a.device, overwrite=a.overwrite,
                                  progress=progress, annotation=result.annotation,
-                                 postprocess_mode=a.postprocess, roi=result.roi)["path"]
+                                 postprocess_mode=a.postprocess, roi=result.roi,
+                                 precision="fp32" if a.no_amp else a.precision)["path"]
     progress.event("done", stopped=result.stopped, model=a.out, prediction=prediction,
                    heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
     return 0
@@ -173,7 +181,8 @@ def cmd_predict(a) -> int:
 
         annotation, roi = prediction_annotation(a.annotation, read_image(a.image).geometry, use_roi=not a.no_roi)
     out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
-                      _csv(a.segments), a.overwrite, progress, annotation, a.postprocess, roi)
+                      _csv(a.segments), a.overwrite, progress, annotation, a.postprocess, roi,
+                      "fp32" if a.no_amp else a.precision)
     progress.event("done", stopped=False, prediction=out["path"])
     return 0
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from .device import is_oom, resolve_device
+from . import refine
+from .device import autocast_dtype, is_oom, resolve_device
 from .errors import HSSLError, OutOfMemory
 from .io import Labels, LabelInfo, Volume
 from .losses import MaskedDiceCELoss
@@ -33,7 +34,7 @@ from .progress import Eta, Progress
 from .recipe import DEFAULT_RECIPE, FinetuneRecipe
 from .sampling import PatchSampler, augmentation
 from .sparse import Annotation, SliceRef, annotation_roi, choose_holdout, known_mask
-from .training import backward_and_step, set_lr
+from .training import autocast, backward_and_step, set_lr
 
 
 @dataclasses.dataclass
@@ -45,7 +46,8 @@ class FinetuneOptions:
     batch_size: int | None = None  # default: the recipe's
     lr: float | None = None  # default: the recipe's (lower to continue a model of the same labels)
     holdout: bool = True
-    amp: bool = True
+    amp: bool = True  # False: full float32 (same as precision "fp32")
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see hssl.device.autocast_dtype)
     init: str = "auto"  # auto (bundled if shipped, else scratch) | scratch | bundled | bundled:NAME | model folder
     modality: str = "auto"
     patch_size: Sequence[int] | None = None
@@ -53,6 +55,7 @@ class FinetuneOptions:
     fg_fraction: float | None = None  # default: the recipe's
     stop_file: str | None = None
     roi: bool = True  # train and predict around the painted structures (sparse.annotation_roi)
+    refine: str = "auto"  # auto (chosen on the held-out slice) or one of hssl.refine.CANDIDATES
     recipe: FinetuneRecipe = DEFAULT_RECIPE
 
     def validate(self) -> None:
@@ -62,6 +65,8 @@ class FinetuneOptions:
             raise HSSLError(f"--steps must be at least 1 (got {self.steps})")
         if self.time_budget is not None and self.time_budget <= 0:
             raise HSSLError(f"--time-budget must be positive seconds (got {self.time_budget})")
+        if self.refine != "auto" and self.refine not in refine.CANDIDATES:
+            raise HSSLError(f"--refine must be auto or one of {', '.join(refine.CANDIDATES)} (got {self.refine!r})")
         if self.batch_size is not None and self.batch_size < 1:
             raise HSSLError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
@@ -77,6 +82,7 @@ class FinetuneResult:
     log: list[dict]
     annotation: tuple[np.ndarray, np.ndarray] | None = None  # (label values, known mask) trained on
     roi: tuple[slice, ...] | None = None  # [z, y, x] region trained on; prediction is limited to it
+    refinement: dict | None = None  # the final-segmentation candidate chosen and the held-out scores
 
 
 class StopRequest:
@@ -215,8 +221,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     lr = opts.lr if opts.lr is not None else recipe.lr(continuing)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     loss_fn = MaskedDiceCELoss()
-    use_amp = opts.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = opts.precision if opts.amp else "fp32"
+    dtype = autocast_dtype(device, precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     rng = np.random.default_rng(opts.seed)
     fg_fraction = opts.fg_fraction if opts.fg_fraction is not None else recipe.fg_fraction
     sampler = PatchSampler(image, target, train_known, plan.patch_size, rng, fg_fraction)
@@ -232,6 +239,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                  f"{[s.name(names) for s in annotation.slices]}, patch {plan.patch_size}, "
                  f"held out: {holdout.name(names) if holdout else 'none'}")
 
+    selection = None
     history: list[dict] = []
     step, stopped, heldout_dice, eval_seconds = 0, False, None, 0.0
     eta = Eta()
@@ -251,12 +259,17 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     # Estimates are skipped while they would take more than eval_share of the time so far.
                     if eval_seconds <= recipe.eval_share * eta.elapsed():
                         t_eval = time.monotonic()
-                        heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
+                        heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
                         eval_seconds += time.monotonic() - t_eval
                         net.train()
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
-                    heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
+                    heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
+                    if opts.refine == "auto":
+                        selection = _select_refinement(net, image, target, annotation, holdout, holdout_region, roi,
+                                                       table, normalization, device, precision, recipe)
+                        progress.event("refinement", **_refinement_event(selection, table))
+                        progress.log(_refinement_note(selection, table))
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
@@ -267,7 +280,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).to(device)
             k = torch.stack([torch.as_tensor(b["known"]) for b in batch]).to(device)
             try:
-                with torch.autocast(device_type=device.type, enabled=use_amp):
+                with autocast(device.type, dtype):
                     logits = net(x)
                 loss = loss_fn(logits, y, k)
                 if not torch.isfinite(loss):
@@ -279,7 +292,8 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     raise
                 batch_size, device = _after_oom(batch_size, device, net, progress)
                 optimizer = _move_optimizer(optimizer, net, device)
-                use_amp = use_amp and device.type == "cuda"
+                dtype = autocast_dtype(device, precision)
+                scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
                 continue
             step += 1
             fraction = _fraction(step, eta.elapsed(), opts)
@@ -290,7 +304,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             progress.update(phase, step, total, loss=record["loss"], heldout_dice=heldout_dice,
                             eta_s=eta.remaining(fraction), elapsed_s=eta.elapsed(), device=device.type)
     if holdout is not None and phase == "finetune" and step > 0:
-        heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, use_amp)
+        heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
     progress.close()
     net.eval()
     seconds = eta.elapsed()
@@ -301,18 +315,20 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     meta = {
         "training": {
             "steps": step, "seconds": round(seconds, 1), "device": device.type, "seed": opts.seed,
-            "init": init, "lr": lr, "batch_size": batch_size, "stopped": stopped, "recipe": recipe.to_json(),
+            "init": init, "lr": lr, "batch_size": batch_size, "precision": str(dtype or torch.float32).replace("torch.", ""), "stopped": stopped, "recipe": recipe.to_json(),
             "annotated_slices": [s.name(names) for s in annotation.slices], "annotation": annotation.source,
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
             "roi_zyx": [[r.start, r.stop] for r in roi] if roi is not None else None,
+            "refinement": _refinement_record(selection, opts, table),
             "log": history[:: max(1, len(history) // 200)],
         }
     }
     model = Model(net.to("cpu"), table, normalization, meta)
     kept = np.isin(labels.array, [lab.value for lab in table])
     return FinetuneResult(model, stopped, step, seconds, holdout.name(names) if holdout else None,
-                          heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known), roi)
+                          heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known), roi,
+                          meta["training"]["refinement"])
 
 
 def _fraction(step: int, elapsed: float, opts: FinetuneOptions) -> float:
@@ -347,7 +363,7 @@ def _move_optimizer(optimizer, net, device):
 
 
 def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef, region: np.ndarray,
-               plan, device: torch.device, use_amp: bool) -> float | None:
+               plan, device: torch.device, dtype: torch.dtype | None) -> float | None:
     """Mean foreground Dice on the held-out slice, predicting only a patch-thick slab around it."""
     axis, index = ref.axis, ref.index
     half = plan.patch_size[axis] // 2
@@ -363,7 +379,7 @@ def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef
     lo = sl[axis].start
     slab = torch.from_numpy(np.ascontiguousarray(image[tuple(sl)]))[None, None].to(device)
     net.eval()
-    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=use_amp):
+    with torch.inference_mode(), autocast(device.type, dtype):
         logits = sliding_window_inference(slab, plan.patch_size, 4, net, overlap=0.25, padding_mode="replicate")
     pred = logits[0].argmax(0).to("cpu").numpy()
     take = [slice(None)] * 3
@@ -393,3 +409,57 @@ def _box_around(mask: np.ndarray, patch) -> np.ndarray:
         sl.append(slice(max(0, int(hit[0]) - patch[a]), min(mask.shape[a], int(hit[-1]) + patch[a] + 1)))
     box[tuple(sl)] = True
     return box
+
+
+def _select_refinement(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
+                       holdout_region: np.ndarray, roi, table: list[LabelInfo], normalization: Normalization,
+                       device: torch.device, precision: str, recipe: FinetuneRecipe) -> dict:
+    """Score every final-segmentation candidate on the held-out slice, with the network as trained
+    without it and seeds from the other painted slices; returns the choice and the scores."""
+    from .predict import predict_array
+
+    t0 = time.monotonic()
+    region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
+    model = Model(net, table, normalization, {})
+    _, probs = predict_array(model, image, device, overlap=0.25, precision=precision, probabilities=True,
+                             roi=region)
+    net.train()
+    train_known = known_mask(target.shape, [s for s in annotation.slices if s != holdout])
+    sub = (slice(None), *region)
+    probs_r, image_r = probs[sub].astype(np.float32), image[region]
+    known_r = train_known[region]
+    sparse_r = np.where(known_r, target[region], 0)
+    mask_r = holdout_region[region]
+    classes = range(1, len(table) + 1)
+    spacing = net.plan.spacing
+    scores = {}
+    for name in refine.CANDIDATES:
+        pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, spacing, recipe.refine_confidence)
+        scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
+    return {"chosen": refine.choose(scores), "scores": scores, "seconds": time.monotonic() - t0}
+
+
+def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:
+    return {table[c - 1].name: round(v, 4) for c, v in sorted(scores.items())}
+
+
+def _refinement_event(selection: dict, table: list[LabelInfo]) -> dict:
+    return {"chosen": selection["chosen"], "seconds": round(selection["seconds"], 2),
+            "heldout_dice": {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}}
+
+
+def _refinement_note(selection: dict, table: list[LabelInfo]) -> str:
+    parts = []
+    for name, sc in selection["scores"].items():
+        mean = np.mean(list(sc.values())) if sc else float("nan")
+        parts.append(f"{name} {mean:.3f}")
+    return f"held-out slice Dice by final step: {', '.join(parts)}; using {selection['chosen']}"
+
+
+def _refinement_record(selection: dict | None, opts: FinetuneOptions, table: list[LabelInfo]) -> dict:
+    """What model.json says about the final segmentation step (read back by prediction)."""
+    if opts.refine != "auto":
+        return {"chosen": opts.refine, "by": "option"}
+    if selection is None:
+        return {"chosen": opts.recipe.refinement, "by": "default (no held-out slice)"}
+    return {**_refinement_event(selection, table), "by": "held-out slice"}

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from .device import is_oom
+from .device import autocast_dtype, is_oom
 from .errors import OutOfMemory
 from .model_store import Model
+from .training import autocast
 
 SLAB_VOXELS = 48 * 2**20  # voxels per slab (about 200 MB of float32 input)
 
@@ -30,7 +31,7 @@ def _windows(shape, roi, overlap) -> int:
 
 
 def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap: float = 0.25,
-                  sw_batch_size: int = 4, amp: bool = True, probabilities: bool = False,
+                  sw_batch_size: int = 4, precision: str = "auto", probabilities: bool = False,
                   on_progress: Callable[[int, int], None] | None = None, roi: tuple[slice, ...] | None = None):
     """Segment a normalised ``[z, y, x]`` float32 volume.
 
@@ -43,7 +44,7 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
         roi = tuple(slice(max(0, r.start), min(n, r.stop)) for r, n in zip(roi, image.shape))
         context = tuple(slice(max(0, r.start - p // 2), min(n, r.stop + p // 2))
                         for r, p, n in zip(roi, model.plan.patch_size, image.shape))
-        sub_labels, sub_probs = predict_array(model, image[context], device, overlap, sw_batch_size, amp,
+        sub_labels, sub_probs = predict_array(model, image[context], device, overlap, sw_batch_size, precision,
                                               probabilities, on_progress)
         inner = tuple(slice(r.start - c.start, r.stop - c.start) for r, c in zip(roi, context))
         labels = np.zeros(image.shape, dtype=sub_labels.dtype)
@@ -66,10 +67,10 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
     total = sum(_windows((min(nz, s + slab + margin) - max(0, s - margin), *image.shape[1:]), roi, overlap)
                 for s in starts)
     done = [0]
-    use_amp = amp and device.type == "cuda"
+    dtype = autocast_dtype(device, precision)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+        with autocast(device.type, dtype):
             out = torch.softmax(net(x).float(), dim=1)
         done[0] += 1
         if on_progress is not None:

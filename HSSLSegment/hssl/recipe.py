@@ -36,6 +36,10 @@ class FinetuneRecipe:
     eval_share: float = 0.1  # at most this share of the training time goes to held-out estimates
     cpu_patch_voxels: int = CPU_PATCH_VOXELS
     gpu_patch_voxels: int = GPU_PATCH_VOXELS
+    # The final segmentation (hssl.refine): chosen per scan on the held-out slice when there is one,
+    # else this candidate; network voxels this sure of their class seed the intensity refinement.
+    refinement: str = "network"
+    refine_confidence: float = 0.9
 
     def patch_voxels(self, device_type: str) -> int:
         return self.cpu_patch_voxels if device_type == "cpu" else self.gpu_patch_voxels
@@ -59,9 +63,15 @@ class FinetuneRecipe:
         for key, value in (d or {}).items():
             if key not in names:
                 continue
+            default = getattr(DEFAULT_RECIPE, key)
+            if isinstance(default, str):
+                if not isinstance(value, str):
+                    raise ValueError(f"recipe field '{key}' must be a string, got {value!r}")
+                kwargs[key] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"recipe field '{key}' must be a finite non-negative number, got {value!r}")
-            kwargs[key] = type(getattr(DEFAULT_RECIPE, key))(value)
+            kwargs[key] = type(default)(value)
         return cls(**kwargs)
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from . import postprocess
+from . import refine as refine_module
 from .device import resolve_device
 from .errors import HSSLError, OutOfMemory
 from .finetune import FinetuneOptions, FinetuneResult, finetune
@@ -16,6 +17,7 @@ from .io import (Labels, Volume, check_output, read_image, read_labels, write_la
 from .model_store import Model, load_model, save_model
 from .predict import predict_array
 from .progress import Eta, Progress
+from .recipe import DEFAULT_RECIPE, FinetuneRecipe
 from .sparse import Annotation, annotation_roi, resolve_annotation
 
 BYTES_PER_VOXEL = 16  # raw + normalised float32 + labels + masks + working copies, measured loosely
@@ -115,6 +117,7 @@ class Prediction:
     label_table: list
     device: str
     seconds: float
+    final: str = "network"  # the last step that produced the labels (hssl.refine.CANDIDATES)
 
 
 def default_overlap(roi: tuple[slice, ...] | None) -> float:
@@ -135,12 +138,15 @@ def prediction_annotation(labels_path: str, geometry, use_roi: bool = True):
 def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: float | None = None,
                    sw_batch_size: int = 4, probabilities: bool = False, segments: Sequence[str] | None = None,
                    progress: Progress | None = None, annotation: tuple[np.ndarray, np.ndarray] | None = None,
-                   postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None) -> Prediction:
+                   postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None,
+                   precision: str = "auto", refine: str | None = None) -> Prediction:
     """The product's prediction of a loaded ``volume``: normalise, sliding-window inference (in ``roi``
     when given), map classes to label values, then with ``annotation`` = (label values, known mask)
     of this image: the output equals the annotation on annotated voxels and, with
     ``postprocess_mode='annotated-components'``, keeps only the components touching painted voxels
-    (see ``postprocess``). On GPU out-of-memory it retries one window at a time, then on the CPU."""
+    (see ``postprocess``). With an annotation the final step is ``refine`` (default: the one the
+    model chose on its held-out slice, ``hssl.refine``); without one it is the network alone.
+    On GPU out-of-memory it retries one window at a time, then on the CPU."""
     progress = progress or Progress()
     if overlap is None:
         overlap = default_overlap(roi)
@@ -154,6 +160,11 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     if annotation is not None and annotation[0].shape != volume.array.shape:
         raise HSSLError(f"the annotation has shape {annotation[0].shape} but the image {volume.array.shape}: give "
                         "the annotation of this image")
+    final = model_refinement(model) if refine is None else refine
+    if final not in refine_module.CANDIDATES:
+        raise HSSLError(f"unknown final step '{final}': choose one of {', '.join(refine_module.CANDIDATES)}")
+    if annotation is None:
+        final = "network"
     eta = Eta()
     x = model.normalization.apply(volume.array)
 
@@ -162,7 +173,8 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
 
     while True:
         try:
-            classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, probabilities=probabilities,
+            classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, precision=precision,
+                                           probabilities=probabilities or final != "network",
                                            on_progress=on_progress, roi=roi)
             break
         except OutOfMemory:
@@ -179,6 +191,10 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                 progress.log("GPU out of memory while predicting even with one window at a time: "
                              "continuing on the CPU (slower)")
     progress.close()
+    if final != "network":
+        classes = _refined(final, model, x, probs, annotation, roi, _confidence(model))
+        if not probabilities:
+            probs = None
     # Network classes 1..N map back to the model's label values.
     lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)
     labels = lut[classes]
@@ -188,14 +204,44 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
         keep = [lab.value for lab in model.labels if lab.name in segments]
         labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
     chosen = [lab for lab in model.labels if not segments or lab.name in segments]
-    return Prediction(labels, probs, chosen, dev.type, eta.elapsed())
+    return Prediction(labels, probs, chosen, dev.type, eta.elapsed(), final)
+
+
+def model_refinement(model: Model) -> str:
+    """The final step a model chose when it was fine-tuned (``network`` for models without a record)."""
+    record = (model.meta.get("training") or {}).get("refinement") or {}
+    return record.get("chosen", "network") if isinstance(record, dict) else "network"
+
+
+def _confidence(model: Model) -> float:
+    """The network confidence that seeds the intensity refinement, as the model was trained."""
+    recipe = (model.meta.get("training") or {}).get("recipe") or {}
+    try:
+        return FinetuneRecipe.from_json(recipe).refine_confidence
+    except ValueError:
+        return DEFAULT_RECIPE.refine_confidence
+
+
+def _refined(final: str, model: Model, x: np.ndarray, probs: np.ndarray, annotation, roi, confidence: float):
+    """Network classes after the intensity refinement ``final``, inside ``roi`` (background outside)."""
+    region = roi if roi is not None else tuple(slice(0, n) for n in x.shape)
+    value_to_class = {lab.value: n for n, lab in enumerate(model.labels, start=1)}
+    ann_values, known = annotation
+    sparse = np.zeros(ann_values.shape, dtype=np.int32)
+    for value, cls in value_to_class.items():
+        sparse[ann_values == value] = cls
+    out = np.zeros(x.shape, dtype=np.uint8)
+    out[region] = refine_module.candidate(final, x[region], probs[(slice(None), *region)].astype(np.float32),
+                                          sparse[region], known[region], model.plan.spacing, confidence)
+    return out
 
 
 def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float | None = None,
                 sw_batch_size: int = 4, probabilities: str | None = None, segments: Sequence[str] | None = None,
                 overwrite: bool = False, progress: Progress | None = None,
                 annotation: tuple[np.ndarray, np.ndarray] | None = None,
-                postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None) -> dict:
+                postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None,
+                precision: str = "auto") -> dict:
     """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry
     (``predict_volume`` between reading and writing; see there for ``annotation`` and ``roi``)."""
     progress = progress or Progress()
@@ -207,7 +253,7 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     volume = read_image(image)
     check_memory(image, volume.array.size)
     pred = predict_volume(model, volume, device, overlap, sw_batch_size, bool(probabilities), segments, progress,
-                          annotation, postprocess_mode, roi)
+                          annotation, postprocess_mode, roi, precision)
     write_prediction(out, pred.labels, volume.geometry, pred.label_table, overwrite)
     probs = pred.probs
     if probabilities and probs is not None:

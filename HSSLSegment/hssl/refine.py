@@ -1,0 +1,118 @@
+"""The final segmentation: the network's prediction, optionally refined on the scan's intensities.
+
+Candidates (``CANDIDATES``):
+- ``network``: the fine-tuned network's argmax.
+- ``network+grow``: the network decides *where* each structure is, the intensities decide the exact
+  boundary. Seeds are the painted slices (their unpainted voxels as background) plus the voxels the
+  network is sure about (probability >= ``confidence``, shrunk by ``erode`` voxels away from
+  the network's boundary); the undecided band between them is labelled by seeded region competition
+  on the intensities (``hssl.grow``). A structure the network missed stays missed; a leak that
+  the intensities alone would make is stopped by the network's confident background.
+- ``grow``: region competition from the painted slices alone (what Slicer's *Grow from seeds* does
+  with the same information), for structures that intensity alone defines.
+
+Which candidate wins differs per scan; with 3 or more painted slices fine-tuning scores each one on
+the held-out slice and keeps the best (``hssl.finetune``); the choice and the scores are recorded.
+Arrays are ``[z, y, x]``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .grow import grow_from_seeds
+
+CANDIDATES = ("network", "network+grow", "grow")
+CONFIDENCE = 0.9
+ERODE = 1
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0 or not mask.any():
+        return mask
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.BinaryErode(img, [radius] * 3)).astype(bool)
+
+
+def painted_seeds(sparse: np.ndarray, known: np.ndarray, background: int) -> np.ndarray:
+    """Seeds from the annotation: painted classes as they are, unpainted known voxels = ``background``."""
+    seeds = np.zeros(sparse.shape, dtype=np.int32)
+    seeds[known] = np.where(sparse[known] > 0, sparse[known], background)
+    return seeds
+
+
+def network_seeds(probs: np.ndarray, sparse: np.ndarray, known: np.ndarray, background: int,
+                  confidence: float = CONFIDENCE, erode: int = ERODE) -> np.ndarray:
+    """Painted seeds plus the network's confident voxels. ``probs`` ``(C, z, y, x)``, class 0 =
+    background; ``sparse`` holds class indices 1..C-1. Painted voxels always win."""
+    seeds = np.zeros(sparse.shape, dtype=np.int32)
+    for c in range(probs.shape[0]):
+        sure = _erode(probs[c] >= confidence, erode)
+        seeds[sure] = background if c == 0 else c
+    painted = painted_seeds(sparse, known, background)
+    seeds[known] = painted[known]
+    return seeds
+
+
+def candidate(name: str, image: np.ndarray, probs: np.ndarray | None, sparse: np.ndarray, known: np.ndarray,
+              spacing_zyx: Sequence[float], confidence: float = CONFIDENCE, erode: int = ERODE) -> np.ndarray:
+    """One candidate segmentation (class indices, 0 = background) of a region.
+
+    image: the normalised intensities of the region; probs: the network's ``(C, z, y, x)``
+    probabilities there (not needed for ``grow``); sparse/known: the annotation in class indices.
+    """
+    if name == "network":
+        return probs.argmax(0).astype(np.uint8)
+    n_classes = probs.shape[0] if probs is not None else int(sparse.max()) + 1
+    background = n_classes  # a label of its own while growing, 0 afterwards
+    if name == "grow":
+        seeds = painted_seeds(sparse, known, background)
+    elif name == "network+grow":
+        seeds = network_seeds(probs, sparse, known, background, confidence, erode)
+    else:
+        raise ValueError(f"unknown candidate {name!r}: one of {CANDIDATES}")
+    grown = grow_from_seeds(image, seeds, spacing_zyx)
+    grown[grown == background] = 0
+    return grown.astype(np.uint8)
+
+
+def selection_region(slices: Sequence, holdout, roi: tuple[slice, ...] | None,
+                     shape: Sequence[int]) -> tuple[slice, ...]:
+    """Where the candidates are compared: the ROI (or the whole volume), limited along the held-out
+    slice's axis to the painted slices on either side of it (or the ROI's end where there is none),
+    so that the seeds that shape the held-out slice are inside and the region stays small."""
+    region = list(roi) if roi is not None else [slice(0, n) for n in shape]
+    axis, index = holdout.axis, holdout.index
+    same = sorted(s.index for s in slices if s.axis == axis and s != holdout)
+    before = [i for i in same if i < index]
+    after = [i for i in same if i > index]
+    lo = before[-1] if before else region[axis].start
+    hi = after[0] + 1 if after else region[axis].stop
+    region[axis] = slice(max(lo, region[axis].start), min(hi, region[axis].stop))
+    return tuple(region)
+
+
+def slice_dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Dice per class on ``mask`` (bool, the held-out slice near the structures); a class absent from
+    both ``pred`` and ``ref`` there is left out."""
+    scores = {}
+    for c in classes:
+        p, r = (pred == c) & mask, (ref == c) & mask
+        total = np.count_nonzero(p) + np.count_nonzero(r)
+        if total:
+            scores[int(c)] = 2.0 * np.count_nonzero(p & r) / total
+    return scores
+
+
+def choose(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATES) -> str:
+    """The candidate with the highest mean held-out Dice; ties go to the earlier one in ``order``."""
+    best, best_value = order[0], -1.0
+    for name in order:
+        if name not in scores or not scores[name]:
+            continue
+        value = float(np.mean(list(scores[name].values())))
+        if value > best_value + 1e-9:
+            best, best_value = name, value
+    return best

@@ -1,0 +1,91 @@
+"""The final-segmentation candidates and their choice on the held-out slice, on synthetic cases
+whose right answer is known."""
+import numpy as np
+import pytest
+
+from hssl import refine
+from hssl.grow import grow_from_seeds
+from hssl.sparse import SliceRef, known_mask
+
+
+def _bright_box(shape=(12, 30, 30), box=(slice(2, 10), slice(8, 22), slice(6, 20)), seed=0):
+    rng = np.random.default_rng(seed)
+    image = np.full(shape, 0.2, np.float32)
+    image[box] = 0.8
+    image += rng.normal(0, 0.01, shape).astype(np.float32)
+    truth = np.zeros(shape, np.uint8)
+    truth[box] = 1
+    return image, truth
+
+
+def test_grow_follows_the_intensity_edge_from_one_painted_slice():
+    image, truth = _bright_box()
+    known = known_mask(truth.shape, [SliceRef(0, 5)])
+    sparse = np.where(known, truth, 0)
+    out = refine.candidate("grow", image, None, sparse, known, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(out, truth)
+
+
+def test_grow_respects_the_mask_and_keeps_unreached_voxels_at_zero():
+    image, truth = _bright_box()
+    seeds = np.zeros(truth.shape, np.int32)
+    seeds[5, 15, 12] = 1
+    mask = np.zeros(truth.shape, bool)
+    mask[:, :, :15] = True
+    out = grow_from_seeds(image, seeds, (1.0, 1.0, 1.0), mask=mask)
+    assert (out[:, :, 15:] == 0).all() and (out[mask] == 1).all()
+
+
+def test_network_seeds_keep_only_sure_voxels_away_from_the_boundary_and_painted_voxels_win():
+    probs = np.zeros((2, 5, 9, 9), np.float32)
+    probs[1, :, 2:7, 2:7] = 0.95  # a sure 5x5 square on every slice
+    probs[1, 2, 4, 4] = 0.6  # one unsure voxel in its centre
+    probs[0] = 1 - probs[1]
+    sparse = np.zeros((5, 9, 9), np.int32)
+    known = np.zeros((5, 9, 9), bool)
+    known[0] = True  # painted slice 0: all background there
+    seeds = refine.network_seeds(probs, sparse, known, background=2, confidence=0.9, erode=1)
+    assert (seeds[0] == 2).all()  # painted background wins over the network's square
+    # Erosion by a radius-1 ball (the 18-neighbourhood): the square's rim is no seed, nor is any
+    # voxel next to the unsure one, except those touching it by a corner only.
+    assert seeds[3, 2, 2] == 0 and seeds[3, 3, 3] == 1
+    assert seeds[2, 3, 3] == 0 and seeds[1, 3, 4] == 0 and seeds[1, 3, 3] == 1
+    assert seeds[2, 0, 0] == 2 and seeds[2, 1, 4] == 0  # sure background is eroded too
+
+
+def test_network_plus_grow_moves_a_misplaced_network_boundary_to_the_intensity_edge():
+    image, truth = _bright_box()
+    probs = np.zeros((2, *truth.shape), np.float32)
+    grown = np.zeros(truth.shape, bool)
+    grown[1:11, 6:24, 4:22] = True  # the network's box is two voxels too large, and unsure at its rim
+    probs[1] = np.where(grown, 0.97, 0.02)
+    rim = grown & ~truth.astype(bool)
+    probs[1][rim] = 0.6
+    probs[0] = 1 - probs[1]
+    known = known_mask(truth.shape, [SliceRef(0, 5)])
+    sparse = np.where(known, truth, 0)
+    network = refine.candidate("network", image, probs, sparse, known, (1.0, 1.0, 1.0))
+    fused = refine.candidate("network+grow", image, probs, sparse, known, (1.0, 1.0, 1.0))
+    assert network.sum() > truth.sum()
+    np.testing.assert_array_equal(fused, truth)
+
+
+def test_selection_region_stops_at_the_painted_neighbours_of_the_held_out_slice():
+    slices = [SliceRef(0, 3), SliceRef(0, 9), SliceRef(0, 20), SliceRef(1, 7)]
+    roi = (slice(1, 25), slice(0, 30), slice(5, 15))
+    assert refine.selection_region(slices, SliceRef(0, 9), roi, (30, 30, 30)) == \
+        (slice(3, 21), slice(0, 30), slice(5, 15))
+    # No painted neighbour beyond the held-out slice: the ROI's end bounds the region.
+    assert refine.selection_region(slices, SliceRef(0, 20), roi, (30, 30, 30))[0] == slice(9, 25)
+    assert refine.selection_region(slices, SliceRef(0, 9), None, (30, 30, 30))[0] == slice(3, 21)
+
+
+def test_slice_dice_and_choose():
+    pred = np.array([[1, 1, 0, 2]])
+    ref = np.array([[1, 0, 0, 2]])
+    mask = np.ones_like(pred, bool)
+    assert refine.slice_dice(pred, ref, mask, [1, 2, 3]) == pytest.approx({1: 2 / 3, 2: 1.0})
+    scores = {"network": {1: 0.5}, "network+grow": {1: 0.7, 2: 0.7}, "grow": {1: 0.9, 2: 0.4}}
+    assert refine.choose(scores) == "network+grow"
+    assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}) == "network"  # ties: the earlier one
+    assert refine.choose({"network": {}, "grow": {1: 0.1}}) == "grow"
