@@ -135,14 +135,6 @@ def cached(source: Source) -> bool:
     return all((folder / Path(m).name).exists() for m in source.members)
 
 
-def find_source(name: str) -> Source:
-    """The sample source called ``name``; fails with the list of names."""
-    for candidate in SOURCES:
-        if candidate.name == name:
-            return candidate
-    raise HSSLError(f"unknown sample source '{name}': choose from {[s.name for s in SOURCES]}")
-
-
 def fetch(names: list[str] | None = None, force: bool = False) -> list[Path]:
     """Download the named sources (default: all) unless already cached; return the cached files.
 
