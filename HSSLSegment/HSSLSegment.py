@@ -606,9 +606,6 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
     def hangTimeoutS(self, value: float) -> None:
         self.jobs.hangTimeoutS = float(value)
 
-    def missingDependencies(self):
-        return dependencies.missingRequirements()
-
     def installDependencies(self, askConfirmation: bool = True) -> bool:
         """Install what the engine needs: torch through the PyTorch extension, the rest with pip,
         behind one confirmation. Returns False if the user declined. Raises with a readable message

@@ -184,9 +184,6 @@ class ModelRegistry:
     def savedModels(self) -> list[ModelInfo]:
         return self._scan(self.savedDir, "saved")
 
-    def allModels(self) -> list[ModelInfo]:
-        return self.bundledModels() + self.savedModels()
-
     def findBundled(self, name: str = DEFAULT_BUNDLED) -> ModelInfo:
         """The bundled model of that folder name; :class:`ModelError` listing the shipped ones if absent."""
         models = self.bundledModels()

@@ -47,9 +47,6 @@ class LabelEntry:
     color: tuple[float, float, float]
     segmentId: str = ""
 
-    def toJson(self) -> dict:
-        return {"name": self.name, "value": self.value, "color": [round(c, 4) for c in self.color]}
-
 
 @dataclasses.dataclass
 class ExportResult:
@@ -88,14 +85,6 @@ def registerSegmentationConverters() -> None:
 
 def _matrixToArray(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _arrayToMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
 
 
 def ijkToRas(volumeNode) -> np.ndarray:
