@@ -133,7 +133,7 @@ def _patch(text: str | None):
 def cmd_finetune(a) -> int:
     from .finetune import FinetuneOptions
     from .progress import Progress
-    from .workflow import run_finetune, run_predict
+    from .workflow import finetune_and_predict
 
     progress = Progress(json_lines=a.progress_json)
     a._progress = progress
@@ -142,19 +142,9 @@ def cmd_finetune(a) -> int:
                            amp=not a.no_amp, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
                            stop_file=a.stop_file, roi=not a.no_roi)
     opts.validate()
-    if a.predict:
-        from .io import check_output
-        check_output(a.predict, a.overwrite)
-    result = run_finetune(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, names=a.names,
-                          segments=_csv(a.segments), slices=a.slices, known_mask=a.known_mask,
-                          all_known=a.all_known)
-    prediction = None
-    if a.predict:
-        prediction = run_predict(result.model, a.image, a.predict, device=a.device, overwrite=a.overwrite,
-                                 progress=progress, annotation=result.annotation,
-                                 postprocess_mode=a.postprocess, roi=result.roi)["path"]
-    progress.event("done", stopped=result.stopped, model=a.out, prediction=prediction,
-                   heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
+    finetune_and_predict(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, prediction_out=a.predict,
+                         postprocess_mode=a.postprocess, names=a.names, segments=_csv(a.segments), slices=a.slices,
+                         known_mask=a.known_mask, all_known=a.all_known)
     return 0
 
 
