@@ -92,6 +92,16 @@ def test_job_protocol_doc_lists_exactly_the_spec_keys():
     assert {json.loads(re.sub(r"\s+//[^\n]*", "", e)).get("kind", "finetune") for e in examples} == set(KINDS)
 
 
+def test_both_sides_import_the_one_spec():
+    from HSSLSegmentLib import job_protocol
+
+    assert job_protocol.JobSpec is JobSpec and job_protocol.JobSpecError is JobSpecError
+    engineJob = (MODULE_DIR / "hssl" / "job.py").read_text()
+    assert "from .jobspec import" in engineJob and "KEYS = {" not in engineJob
+    ours = (MODULE_DIR / "HSSLSegmentLib" / "job_protocol.py").read_text()
+    assert "class JobSpec" not in ours
+
+
 # ---------------------------------------------------------------------------------- the runner
 
 needsEngine = pytest.mark.skipif(not engineAvailable(), reason="the engine needs torch and MONAI")
