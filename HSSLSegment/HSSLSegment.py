@@ -4,12 +4,13 @@ look at the prediction, correct it, repeat.
 Module file in the shape of Slicer's scripted-module template: Module, parameter node, Widget (Qt
 glue only), Logic (usable from the Python console and headless scripts), Test. The work happens in
 HSSLSegmentLib (GUI-free) and in the engine package ``hssl``, which always runs in a child process
-(``PythonSlicer -m hssl ...``) so Slicer itself never imports torch.
+(``PythonSlicer -m hssl ...``) for fine-tuning and prediction.
 """
 import os
 import pathlib
 import shutil
 import sys
+import time
 from typing import Annotated, Optional
 
 import qt
@@ -22,9 +23,11 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.util import VTKObservationMixin
 from slicer import (vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
 
-from HSSLSegmentLib import dependencies, mrml_io
-from HSSLSegmentLib.job_protocol import DEVICES, EventType, Phase, describeProgress, formatDuration
-from HSSLSegmentLib.model_registry import (DEFAULT_BUNDLED, ModelError, ModelRegistry, bundledModelChoices,
+from HSSLSegmentLib import dependencies, editing, mrml_io, sample_data
+from HSSLSegmentLib.job_protocol import (DEFAULT_TIME_BUDGET_S, DEVICES, EventType, Phase, describeProgress,
+                                         formatDuration)
+from HSSLSegmentLib.model_registry import (DEFAULT_BUNDLED, ModelError, ModelRegistry, autoStartsPretrained,
+                                           bundledModelChoices, bundledModelsDir, formatSize, readModelCard,
                                            readModelInfo)
 from HSSLSegmentLib.process import JobState
 from HSSLSegmentLib.segmentation_jobs import JobOutcome, SegmentationJobs
@@ -37,6 +40,13 @@ except ImportError:  # Slicer < 5.4
         return text
 
 MODEL_SOURCES = ("Pretrained (bundled)", "From scratch", "Current model")
+# A new scene starts where the engine's default start (init "auto") starts: from the shipped default
+# pretrained model when this version ships one, else from scratch. Decided once, never overriding
+# a choice the parameter node holds.
+DEFAULT_MODEL_SOURCE = MODEL_SOURCES[0] if autoStartsPretrained() else MODEL_SOURCES[1]
+SLICE_VIEWS = ("Red", "Yellow", "Green")
+MODELS_FOLDER_WARNING_BYTES = 2_000_000_000  # the models list says so when the folder holds more
+BACK_BUTTON_NAME = "HSSLSegmentBackButton"
 
 
 #
@@ -59,7 +69,41 @@ class HSSLSegment(ScriptedLoadableModule):
             "to correct a few slices, and fine-tune again. See the extension's docs/slicer-module.md.")
         self.parent.acknowledgementText = _(
             "Self-supervised pretraining after Zheng et al. (MICCAI 2021) and Kats et al. (ISBI 2024); "
-            "sparse fine-tuning after Cicek et al. (3D U-Net, MICCAI 2016). Built on MONAI and PyTorch.")
+            "sparse fine-tuning after Cicek et al. (3D U-Net, MICCAI 2016). Built on MONAI and PyTorch. "
+            "Sample scans: pyradiomics (BSD-3).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data
+#
+
+
+def registerSampleData():
+    """Add the engine's real sample scans to the Sample Data module (category HSSLSegment).
+
+    Loading one fetches the scans once (``hssl data fetch``: pyradiomics from PyPI, checksummed)
+    and works offline afterwards; ``brain1`` comes with the tutorial's three painted slices.
+    """
+    import SampleData
+
+    icon = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "Icons", "HSSLSegment.png")
+    for case in sample_data.cases():
+        if case == sample_data.TUTORIAL_CASE:
+            label = _("{0}: {1} on 3 painted slices (tutorial)").format(case, sample_data.structureOf(case))
+        else:
+            label = _("{0} with the reference {1}").format(case, sample_data.structureOf(case))
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="HSSLSegment", sampleName=label, uris=[], fileNames=[], nodeNames=[], thumbnailFileName=icon,
+            customDownloader=lambda source, case=case: loadSampleFromSampleData(case))
+
+
+def loadSampleFromSampleData(case: str):
+    """What a Sample Data button of ours does: fetch once if needed, load, show the volume."""
+    with slicer.util.tryWithErrorDisplay(_("Cannot load the sample scan."), waitCursor=True):
+        loaded = HSSLSegmentLogic().loadSampleCase(case)
+        slicer.util.setSliceViewerLayers(background=loaded.volumeNode, fit=True)
+        return loaded
 
 
 #
@@ -76,7 +120,9 @@ class HSSLSegmentParameterNode:
     slices found (e.g. "axial:12, axial:30"). backgroundSlices: slices annotated as background only.
     modelSource: where fine-tuning starts from. bundledModel: which bundled pretrained model (folder
     name under Resources/Models) "Pretrained (bundled)" means. currentModelPath: the model folder that
-    Predict, Apply and Save use (set after each fine-tuning). timeBudgetS: seconds of fine-tuning.
+    Predict, Apply and Save use (set after each fine-tuning; shown read-only: a ``str``, because a
+    ``pathlib.Path`` bound to a path field turns "" into "." and drops a trailing separator on every
+    keystroke). timeBudgetS: seconds of fine-tuning (default: the engine's, hssl.recipe).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -84,12 +130,12 @@ class HSSLSegmentParameterNode:
     selectedSegments: list[str]
     detectedSlices: str = ""
     backgroundSlices: str = ""
-    modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = "From scratch"
+    modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = DEFAULT_MODEL_SOURCE
     # Not a Choice: the bundled models are found on disk at run time, so the Widget fills its combo box.
     bundledModel: str = DEFAULT_BUNDLED
-    currentModelPath: pathlib.Path
+    currentModelPath: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    timeBudgetS: Annotated[int, WithinRange(10, 86400)] = 120
+    timeBudgetS: Annotated[int, WithinRange(10, 86400)] = int(DEFAULT_TIME_BUDGET_S)
     useStepBudget: bool = False
     steps: Annotated[int, WithinRange(1, 1000000)] = 200
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -105,6 +151,7 @@ class HSSLSegmentParameterNode:
 
 
 def _modelPathOrNone(path) -> Optional[str]:
+    # "." is what a scene saved by a version that stored a pathlib.Path holds for "no model".
     text = str(path) if path is not None else ""
     return text if text not in ("", ".") else None
 
@@ -118,8 +165,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Qt glue: loads the .ui, binds it to the parameter node, forwards actions to the Logic."""
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # Members first: without a parent the base class calls setup() from its constructor.
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -129,6 +175,10 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingSegments = False
         self._bundledChoices = []
         self._updatingBundledModels = False
+        self._offeredRecovery = set()
+        self._savedModelPaths = []  # the model folder of each row of the Models list
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -136,6 +186,12 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        # qMRMLSegmentsTableView declares selectionMode as an int property, which a .ui <enum> cannot
+        # set (the form loader gives -1, and nothing can be selected); set it here, as Slicer's own
+        # SegmentEditorLogicalEffect does.
+        self.ui.segmentsTableView.selectionMode = qt.QAbstractItemView.ExtendedSelection
+        self.ui.savedModelsTableWidget.setHorizontalHeaderLabels(
+            [_("Model"), _("Volume"), _("Segments"), _("Created"), _("Size")])
 
         self.logic = HSSLSegmentLogic()
         self.logic.jobs.onEvent = self.onJobEvent
@@ -156,7 +212,10 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.annotationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAnnotationChanged)
         self.ui.segmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)", self.onSegmentSelectionChanged)
+        self.ui.editAnnotationButton.connect("clicked(bool)", self.onEditAnnotationButton)
         self.ui.detectSlicesButton.connect("clicked(bool)", self.onDetectSlicesButton)
+        for view in SLICE_VIEWS:  # (the pattern of Slicer's Sample Data buttons: the lambda's default carries the name)
+            getattr(self.ui, f"mark{view}SliceButton").connect("clicked()", lambda view=view: self.onMarkSliceButton(view))
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         self.ui.copyToAnnotationButton.connect("clicked(bool)", self.onCopyToAnnotationButton)
@@ -167,9 +226,15 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.bundledModelComboBox.connect("currentIndexChanged(int)", self.onBundledModelChanged)
         self.ui.modelCardButton.connect("clicked(bool)", self.onModelCardButton)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshSavedModels)
+        self.ui.useSavedModelButton.connect("clicked(bool)", self.onUseSavedModelButton)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolderButton)
+        self.ui.deleteSavedModelButton.connect("clicked(bool)", self.onDeleteSavedModelButton)
+        self.ui.savedModelsTableWidget.connect("itemSelectionChanged()", self.updateButtons)
 
         self.initializeParameterNode()
         self.updateDependencyLabel()
+        self.refreshSavedModels()
 
     def cleanup(self) -> None:
         """Module closed or Slicer exiting: stop the job, stop polling, drop observers."""
@@ -177,10 +242,13 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.shutdown()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.refreshSavedModels()
+        self.offerRecoveredModels()
 
     def exit(self) -> None:
         # The job keeps running while another module is shown; only the GUI binding is dropped.
@@ -205,6 +273,8 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.shutdown(graceS=3.0)
 
     def initializeParameterNode(self) -> None:
+        """Bind the scene's parameter node; fill empty inputs with the first candidates. Choices the
+        node holds (model source included) are never changed here."""
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
@@ -214,9 +284,6 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
             if segmentation and segmentation is not self._parameterNode.predictionSegmentation:
                 self._parameterNode.annotationSegmentation = segmentation
-        if self.logic.registry.bundledModels() and not _modelPathOrNone(self._parameterNode.currentModelPath) \
-                and self._parameterNode.modelSource == "From scratch" and not self._parameterNode.lastStatus:
-            self._parameterNode.modelSource = "Pretrained (bundled)"
 
     def setParameterNode(self, inputParameterNode: Optional[HSSLSegmentParameterNode]) -> None:
         if self._parameterNode:
@@ -244,8 +311,9 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         haveModel = _modelPathOrNone(p.currentModelPath) is not None
         self.ui.finetuneButton.enabled = running or haveInputs
         self.ui.finetuneButton.text = _("Cancel") if running else _("Fine-tune")
-        self.ui.finetuneButton.toolTip = (_("Stop gracefully (the model is saved); press again to kill the job")
-                                          if running else _("Fine-tune on the painted slices in the background"))
+        self.ui.finetuneButton.toolTip = (
+            _("Stop gracefully (fine-tuning saves its model, a prediction writes nothing); press again to kill "
+              "the job") if running else _("Fine-tune on the painted slices in the background"))
         self.ui.predictButton.enabled = not running and haveModel and bool(p.inputVolume)
         self.ui.applyButton.enabled = not running and haveModel and bool(p.applyVolume)
         self.ui.saveModelButton.enabled = haveModel
@@ -253,9 +321,30 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.copyToAnnotationButton.enabled = (not running and bool(p.predictionSegmentation)
                                                   and bool(p.annotationSegmentation))
         self.ui.detectSlicesButton.enabled = haveInputs
+        self.ui.editAnnotationButton.enabled = bool(p.inputVolume)
+        for view in SLICE_VIEWS:
+            getattr(self.ui, f"mark{view}SliceButton").enabled = bool(p.inputVolume)
+        self.ui.dependenciesButton.enabled = not running
         self.ui.stepsSpinBox.enabled = p.useStepBudget
         self.ui.timeBudgetSpinBox.enabled = not p.useStepBudget
+        selectedModel = self.selectedSavedModelPath() is not None
+        self.ui.useSavedModelButton.enabled = selectedModel and not running
+        self.ui.deleteSavedModelButton.enabled = selectedModel and not running
         self.updateBundledModelPicker()
+        self.updateSegmentSelectionLabel()
+
+    def updateSegmentSelectionLabel(self) -> None:
+        """Say which segments fine-tuning learns: the selected ones, or all when none is selected."""
+        p = self._parameterNode
+        if p is None or not p.annotationSegmentation:
+            self.ui.segmentsSelectionLabel.text = ""
+            return
+        if p.selectedSegments:
+            self.ui.segmentsSelectionLabel.text = _("Learns: ") + ", ".join(p.selectedSegments)
+        else:
+            names = [name for _sid, name in mrml_io.segmentIdsAndNames(p.annotationSegmentation)]
+            self.ui.segmentsSelectionLabel.text = (_("Learns all segments (none selected): ") + ", ".join(names)
+                                                   if names else _("No segment yet: press Edit annotation."))
 
     def populateBundledModels(self) -> None:
         """Fill the pretrained-model combo box from the models on disk (folder name as item data)."""
@@ -312,6 +401,7 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentsTableView.setSelectedSegmentIDs(wanted)
         finally:
             self._updatingSegments = False
+        self.updateSegmentSelectionLabel()
 
     def onSegmentSelectionChanged(self, selected=None, deselected=None) -> None:
         if self._updatingSegments or self._parameterNode is None:
@@ -322,15 +412,18 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         names = dict(mrml_io.segmentIdsAndNames(node))
         self._parameterNode.selectedSegments = [names[sid] for sid in self.ui.segmentsTableView.selectedSegmentIDs()
                                                 if sid in names]
+        self.updateSegmentSelectionLabel()
 
     def updateDependencyLabel(self) -> None:
+        problem = dependencies.pythonProblem()
         missing = dependencies.missingRequirements()
-        if missing:
+        if problem:
+            self.ui.dependencyStatusLabel.text = problem
+        elif missing:
             self.ui.dependencyStatusLabel.text = _("Missing: ") + ", ".join(r.describe() for r in missing)
-            self.ui.dependenciesButton.text = _("Install dependencies...")
         else:
             self.ui.dependencyStatusLabel.text = _("All Python dependencies are installed.")
-            self.ui.dependenciesButton.text = _("Check device")
+        self.ui.dependenciesButton.text = _("Install dependencies...") if missing else _("Check device")
 
     def appendLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -353,10 +446,48 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.plotWidget.setMRMLPlotViewNode(self._plotViewNode)
         self._plotViewNode.SetPlotChartNodeID(chartNode.GetID())
 
+    def showTextDialog(self, title: str, text: str, markdown: bool = True) -> None:
+        """A modal, scrollable text window (a model card, in Markdown where Qt renders it)."""
+        dialog = qt.QDialog(slicer.util.mainWindow())
+        dialog.setWindowTitle(title)
+        layout = qt.QVBoxLayout(dialog)
+        browser = qt.QTextBrowser()
+        browser.setOpenExternalLinks(True)
+        if markdown and hasattr(browser, "setMarkdown"):  # Qt >= 5.14
+            browser.setMarkdown(text)
+        else:
+            browser.setPlainText(text)
+        layout.addWidget(browser)
+        buttons = qt.QDialogButtonBox(qt.QDialogButtonBox.Close)
+        buttons.connect("rejected()", dialog.reject)
+        layout.addWidget(buttons)
+        dialog.resize(720, 640)
+        dialog.exec_()
+
     # ------------------------------------------------------------------ actions
 
     def selectedSegmentsOrNone(self):
         return list(self._parameterNode.selectedSegments) or None
+
+    def onEditAnnotationButton(self) -> None:
+        """Open the Segment Editor on this volume and annotation (created with one empty segment if
+        needed); a button at the top of the Segment Editor comes back here."""
+        with slicer.util.tryWithErrorDisplay(_("Cannot open the annotation for editing."), waitCursor=True):
+            p = self._parameterNode
+            segmentation, _added = self.logic.prepareAnnotationEditing(p.inputVolume, p.annotationSegmentation)
+            p.annotationSegmentation = segmentation
+            slicer.util.selectModule("SegmentEditor")
+            self.addBackButtonToSegmentEditor()
+
+    def addBackButtonToSegmentEditor(self) -> None:
+        editorWidget = slicer.util.getModuleWidget("SegmentEditor")
+        if slicer.util.findChildren(editorWidget.parent, name=BACK_BUTTON_NAME):
+            return
+        button = qt.QPushButton(_("Back to HSSL Segment (fine-tune)"))
+        button.objectName = BACK_BUTTON_NAME
+        button.toolTip = _("Return to the HSSL Segment module to fine-tune on the slices you painted.")
+        button.connect("clicked()", lambda: slicer.util.selectModule("HSSLSegment"))
+        editorWidget.layout.insertWidget(0, button)
 
     def onDetectSlicesButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot detect the annotated slices."), waitCursor=True):
@@ -364,7 +495,20 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slices = self.logic.detectSlices(p.inputVolume, p.annotationSegmentation, self.selectedSegmentsOrNone())
             p.detectedSlices = ", ".join(slices) if slices else _("(none painted)")
 
+    def onMarkSliceButton(self, viewName: str) -> None:
+        """Add the slice the view shows to the background-only slices."""
+        with slicer.util.tryWithErrorDisplay(_("Cannot mark the slice as background-only."), waitCursor=True):
+            p = self._parameterNode
+            sliceLogic = slicer.app.layoutManager().sliceWidget(viewName).sliceLogic()
+            name, note = self.logic.backgroundSliceInView(p.inputVolume, sliceLogic, viewName,
+                                                          p.annotationSegmentation, self.selectedSegmentsOrNone())
+            p.backgroundSlices = editing.addSlice(p.backgroundSlices, name)
+            self.setStatus(note or _("Background-only: ") + name)
+
     def ensureDependencies(self) -> bool:
+        problem = dependencies.pythonProblem()
+        if problem:
+            raise RuntimeError(problem)
         if not dependencies.missingRequirements():
             return True
         installed = self.logic.installDependencies(askConfirmation=True)
@@ -376,10 +520,9 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureDependencies():
                 return
             device = self._parameterNode.device if self._parameterNode else "auto"
+            self.logic.checkDevice(device, waitForCompletion=False)
             self.ui.deviceLabel.text = _("Checking...")
-            slicer.app.processEvents()
-            used = self.logic.probeDevice(device)
-            self.ui.deviceLabel.text = (_("Will use: ") + used) if not used.startswith("error") else used
+            self.startPolling()
 
     def prepareForJob(self) -> None:
         """Reset the log and progress before a job starts (its first warnings arrive at once)."""
@@ -399,7 +542,8 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.setStatus(_("Killing the job..."))
             else:
                 self.logic.cancelJob(graceful=True)
-                self.setStatus(_("Stopping: the job saves its model first..."))
+                self.setStatus(_("Stopping: fine-tuning saves its model first...")
+                               if self.logic.jobs.kind == "finetune" else _("Stopping..."))
             return
         with slicer.util.tryWithErrorDisplay(_("Cannot start fine-tuning."), waitCursor=True):
             if not self.ensureDependencies():
@@ -430,25 +574,29 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return None
 
     def onPredictButton(self) -> None:
+        """Predict the annotated volume with its annotation: the result fine-tuning shows."""
         with slicer.util.tryWithErrorDisplay(_("Cannot start the prediction."), waitCursor=True):
             if not self.ensureDependencies():
                 return
             p = self._parameterNode
+            self.logic.hangTimeoutS = p.hangTimeoutS
             self.prepareForJob()
             self.logic.predict(p.inputVolume, _modelPathOrNone(p.currentModelPath), device=p.device,
-                               annotationNode=p.annotationSegmentation,
+                               annotationNode=p.annotationSegmentation, backgroundSlices=p.backgroundSlices,
                                predictionTarget=self.predictionTargetFor(p.inputVolume), waitForCompletion=False)
             self.setStatus(_("Predicting..."))
             self.startPolling()
 
     def onApplyButton(self) -> None:
+        """Segment another volume with the current model (whole volume: it has no annotation)."""
         with slicer.util.tryWithErrorDisplay(_("Cannot apply the model."), waitCursor=True):
             if not self.ensureDependencies():
                 return
             p = self._parameterNode
+            self.logic.hangTimeoutS = p.hangTimeoutS
             self.prepareForJob()
             self.logic.predict(p.applyVolume, _modelPathOrNone(p.currentModelPath), device=p.device,
-                               annotationNode=p.annotationSegmentation, waitForCompletion=False)
+                               colorNode=p.annotationSegmentation, waitForCompletion=False)
             self.setStatus(_("Applying the model to ") + p.applyVolume.GetName() + "...")
             self.startPolling()
 
@@ -479,21 +627,111 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder = qt.QFileDialog.getExistingDirectory(None, _("Choose a model folder (holds model.json)"))
             if not folder:
                 return
-            info = self.logic.loadModel(folder)
-            self._parameterNode.currentModelPath = pathlib.Path(info.path)
-            self._parameterNode.modelSource = "Current model"
-            self.setStatus(_("Loaded model ") + info.describe())
+            self.useModel(self.logic.loadModel(folder))
+
+    def useModel(self, info) -> None:
+        self._parameterNode.currentModelPath = str(info.path)
+        self._parameterNode.modelSource = "Current model"
+        self.setStatus(_("Current model: ") + info.describe())
 
     def onModelCardButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot open the model card."), waitCursor=True):
-            card = self.logic.bundledModelCard(self._parameterNode.bundledModel)
-            if not qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(card)):
-                slicer.util.infoDisplay(_("No application opens Markdown files here. The model card is at:\n") + card)
+            name = self._parameterNode.bundledModel or DEFAULT_BUNDLED
+            self.showTextDialog(_("Model card: ") + name, self.logic.bundledModelCardText(name))
 
     def onShow3DToggled(self, checked: bool) -> None:
         node = self._parameterNode.predictionSegmentation if self._parameterNode else None
         if node is not None:
             self.logic.showSegmentation(node, show3D=checked)
+
+    # ------------------------------------------------------------------ the models folder
+
+    def refreshSavedModels(self) -> None:
+        """List the fine-tuned models of the models folder with their size, newest first."""
+        models = self.logic.savedModels()
+        table = self.ui.savedModelsTableWidget
+        table.clearContents()
+        table.setRowCount(len(models))
+        self._savedModelPaths = [str(model.path) for model in models]
+        for row, model in enumerate(models):
+            texts = (model.name, model.volumeName or "-", ", ".join(model.segmentNames) or "-",
+                     model.created[:16].replace("T", " "), formatSize(model.sizeBytes))
+            for column, text in enumerate(texts):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(str(model.path))
+                table.setItem(row, column, item)
+        table.resizeColumnsToContents()
+        total = sum(model.sizeBytes for model in models)
+        text = _("{0} fine-tuned models, {1}, in {2}").format(len(models), formatSize(total),
+                                                              self.logic.registry.savedDir)
+        if total > MODELS_FOLDER_WARNING_BYTES:
+            text += _(": delete the models you no longer need")
+        self.ui.savedModelsLabel.text = text
+        self.updateButtons()
+
+    def selectedSavedModelPath(self) -> Optional[str]:
+        rows = {item.row() for item in self.ui.savedModelsTableWidget.selectedItems()}
+        if len(rows) != 1:
+            return None
+        row = rows.pop()
+        return self._savedModelPaths[row] if 0 <= row < len(self._savedModelPaths) else None
+
+    def onUseSavedModelButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot use the model."), waitCursor=True):
+            path = self.selectedSavedModelPath()
+            if path:
+                self.useModel(self.logic.loadModel(path))
+
+    def onOpenModelsFolderButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot open the models folder."), waitCursor=True):
+            folder = self.logic.registry.savedDir
+            folder.mkdir(parents=True, exist_ok=True)
+            if not qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder))):
+                slicer.util.infoDisplay(_("The models folder is ") + str(folder))
+
+    def onDeleteSavedModelButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot delete the model."), waitCursor=True):
+            path = self.selectedSavedModelPath()
+            if not path:
+                return
+            info = readModelInfo(path)
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("Delete the model '{0}' ({1})? This cannot be undone.").format(info.name,
+                                                                                   formatSize(info.sizeBytes)),
+                    windowTitle=_("Delete model")):
+                return
+            self.logic.deleteModel(info)
+            if _modelPathOrNone(self._parameterNode.currentModelPath) == str(info.path):
+                self._parameterNode.currentModelPath = ""
+                if self._parameterNode.modelSource == "Current model":
+                    self._parameterNode.modelSource = DEFAULT_MODEL_SOURCE
+            self.setStatus(_("Deleted the model ") + info.name)
+            self.refreshSavedModels()
+
+    def offerRecoveredModels(self) -> None:
+        """Offer the models that jobs saved after a previous Slicer session had exited."""
+        if slicer.app.testingEnabled():
+            return  # nothing interactive while Slicer runs its tests
+        for model in self.logic.recoverableModels():
+            if str(model.path) in self._offeredRecovery:
+                continue
+            self._offeredRecovery.add(str(model.path))
+            box = qt.QMessageBox(qt.QMessageBox.Question, _("Fine-tuned model recovered"), _(
+                "Slicer closed while fine-tuning '{0}' ({1}) was running. The job stopped by itself and saved the "
+                "model it had trained ({2} steps).").format(model.name, ", ".join(model.segmentNames) or "-",
+                                                            model.steps if model.steps is not None else "?"),
+                qt.QMessageBox.NoButton, slicer.util.mainWindow())
+            box.addButton(_("Load as current model"), qt.QMessageBox.AcceptRole)
+            box.addButton(_("Delete"), qt.QMessageBox.DestructiveRole)
+            box.addButton(_("Later"), qt.QMessageBox.RejectRole)
+            box.exec_()
+            role = box.buttonRole(box.clickedButton()) if box.clickedButton() else qt.QMessageBox.RejectRole
+            with slicer.util.tryWithErrorDisplay(_("Cannot use the recovered model."), waitCursor=True):
+                if role == qt.QMessageBox.AcceptRole:
+                    self.useModel(self.logic.acceptRecoveredModel(model))
+                elif role == qt.QMessageBox.DestructiveRole:
+                    self.logic.deleteModel(model)
+        self.refreshSavedModels()
 
     # ------------------------------------------------------------------ job events (main thread)
 
@@ -529,24 +767,32 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         for text in outcome.warnings:
             self.appendLog("warning: " + text)
+        result = outcome.result
+        if outcome.kind == "device":
+            self.ui.deviceLabel.text = (_("Will use: ") + (result.detail or result.device or "?") if outcome.ok
+                                        else _("Device check: ") + (result.errorMessage or _("cancelled")))
+            self.updateButtons()
+            return
         if outcome.model is not None and p is not None and outcome.kind == "finetune":
-            p.currentModelPath = pathlib.Path(outcome.model.path)
+            p.currentModelPath = str(outcome.model.path)
             p.modelSource = "Current model"  # the next fine-tuning warm-starts from this one
         if outcome.predictionNode is not None:
             if p is not None and outcome.volumeNode is p.inputVolume:
                 p.predictionSegmentation = outcome.predictionNode
             self.logic.showSegmentation(outcome.predictionNode, show3D=bool(p and p.show3D))
-        result = outcome.result
-        if result.ok:
+        if outcome.cancelled:
+            self.setStatus(_("Cancelled: ") + (_("nothing was written") if outcome.kind == "predict"
+                                               else (result.errorMessage or "")))
+        elif outcome.ok:
             self.ui.progressBar.value = 100
             note = _(" (stopped early, model saved)") if result.stopped else ""
             self.setStatus(_("Done in ") + formatDuration(result.durationS) + f" on {result.device or '?'}" + note)
-        elif result.state is JobState.CANCELLED:
-            self.setStatus(_("Cancelled: ") + (result.errorMessage or ""))
         else:
             self.setStatus(_("Failed: ") + (result.errorMessage or ""))
             slicer.util.errorDisplay(_("The job failed: ") + (result.errorMessage or ""),
                                      detailedText="\n".join(outcome.log[-40:]))
+        if outcome.kind == "finetune":
+            self.refreshSavedModels()
         self.updateButtons()
 
 
@@ -569,8 +815,10 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.moduleDir = os.path.dirname(os.path.abspath(__file__))
-        self.registry = ModelRegistry(os.path.join(self.moduleDir, "Resources", "Models"), self.defaultModelsDir())
-        self.jobs = SegmentationJobs(self.pythonExecutable(), self.moduleDir, self.registry)
+        self.registry = ModelRegistry(bundledModelsDir(), self.defaultModelsDir())
+        self.jobs = SegmentationJobs(self.pythonExecutable(), self.moduleDir, self.registry, missingEngineMessage=_(
+            "PythonSlicer, the Python interpreter that Slicer ships in its bin folder, was not found, so the engine "
+            "cannot run: reinstall Slicer."))
 
     def getParameterNode(self):
         return HSSLSegmentParameterNode(super().getParameterNode())
@@ -585,8 +833,13 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
         return os.path.join(os.path.dirname(settingsFile), "HSSLSegment", "Models")
 
     @staticmethod
-    def pythonExecutable() -> str:
-        """Slicer's plain Python interpreter for the engine's child process."""
+    def pythonExecutable() -> Optional[str]:
+        """Slicer's plain Python interpreter for the engine's child process, or None when there is none.
+
+        Inside Slicer ``sys.executable`` is the application itself (SlicerApp-real), never a Python,
+        so it is used only outside the application (a plain Python with slicer-core: tests,
+        headless scripts), where it is the interpreter running this code.
+        """
         names = ["PythonSlicer.exe", "PythonSlicer"] if os.name == "nt" else ["PythonSlicer"]
         for name in names:
             found = shutil.which(name)
@@ -595,8 +848,9 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
             candidate = os.path.join(slicer.app.slicerHome, "bin", name)
             if os.path.isfile(candidate):
                 return candidate
-        # Slicer always ships PythonSlicer; a custom build without it still has an interpreter.
-        return sys.executable
+        if os.path.basename(sys.executable).lower().startswith("python"):
+            return sys.executable
+        return None
 
     @property
     def hangTimeoutS(self) -> float:
@@ -606,21 +860,27 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
     def hangTimeoutS(self, value: float) -> None:
         self.jobs.hangTimeoutS = float(value)
 
-    def missingDependencies(self):
-        return dependencies.missingRequirements()
+    @staticmethod
+    def checkPython() -> None:
+        """Raise the one-line reason when this Slicer's Python cannot run the engine (Slicer < 5.10)."""
+        problem = dependencies.pythonProblem()
+        if problem:
+            raise RuntimeError(problem)
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
         """Install what the engine needs: torch through the PyTorch extension, the rest with pip,
         behind one confirmation. Returns False if the user declined. Raises with a readable message
         on failure. Never called implicitly."""
+        self.checkPython()
         missing = dependencies.missingRequirements()
         if not missing:
             return True
         text = ", ".join(r.describe() for r in missing)
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 _("HSSLSegment needs these Python packages: {0}.\n\nInstall them now? This downloads up to a "
-                  "few GB (PyTorch) and needs an internet connection. Slicer does not need a restart: the "
-                  "engine runs in a separate process.").format(text),
+                  "few GB (PyTorch) and needs an internet connection. PyTorch is installed by the PyTorch "
+                  "extension, which loads it into Slicer once to check the installation; fine-tuning and "
+                  "prediction always run in a separate process. No restart is needed.").format(text),
                 windowTitle=_("Install Python packages")):
             return False
         torchMissing = [r for r in missing if r.distribution == "torch"]
@@ -636,9 +896,9 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
             if not installed:
                 raise RuntimeError(_("PyTorch could not be installed. Open the 'PyTorch Utils' module to install it "
                                      "by hand (choose the CPU build if no NVIDIA GPU), then try again."))
-        pipSpecs = [r.pipSpec for r in missing if r.distribution != "torch"]
-        if pipSpecs:
-            slicer.util.pip_install(pipSpecs)
+        pipArguments = dependencies.pipInstallArguments(missing)
+        if pipArguments:
+            slicer.util.pip_install(pipArguments)
         still = dependencies.missingRequirements()
         if still:
             specs = " ".join(r.pipSpec for r in still)
@@ -647,8 +907,18 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
                 ", ".join(r.describe() for r in still), specs))
         return True
 
-    def probeDevice(self, device: str = "auto") -> str:
-        return self.jobs.probeDevice(device)
+    def checkDevice(self, device: str = "auto", waitForCompletion: bool = True):
+        """Which device the engine would use for ``device``: a background job (it imports torch).
+        With ``waitForCompletion`` returns e.g. ``"cuda (NVIDIA RTX 4090)"``, ``"cpu"`` or raises
+        with the engine's one-line reason; otherwise returns the job at once (poll it)."""
+        self.checkPython()
+        self.jobs.startDeviceCheck(device)
+        if not waitForCompletion:
+            return self.jobs.job
+        outcome = self._wait()
+        if not outcome.ok:
+            raise RuntimeError(outcome.errorMessage or _("the device check did not finish"))
+        return outcome.result.detail or outcome.result.device
 
     # ------------------------------------------------------------------ annotation
 
@@ -657,6 +927,28 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is None:
             raise mrml_io.InputError("No annotation: select the segmentation that holds your painted slices.")
         return mrml_io.detectSlices(volumeNode, segmentationNode, segments)
+
+    def prepareAnnotationEditing(self, volumeNode, segmentationNode=None):
+        """Make the Segment Editor edit the volume's annotation: ``segmentationNode`` or a new
+        '<volume> annotation' with one empty segment. Returns ``(segmentationNode, added)``; the
+        caller then selects the Segment Editor module."""
+        segmentationNode, added = editing.ensureAnnotation(volumeNode, segmentationNode)
+        editing.pointSegmentEditorAt(volumeNode, segmentationNode)
+        return segmentationNode, added
+
+    def backgroundSliceInView(self, volumeNode, sliceLogic, viewName: str = "", segmentationNode=None, segments=None):
+        """The slice a slice view shows, e.g. ``"axial:12"``, and a note when the annotation already
+        paints voxels on it (a painted slice is known everywhere anyway)."""
+        ref, name = editing.sliceInView(volumeNode, sliceLogic, viewName)
+        note = None
+        if segmentationNode is not None and segmentationNode.GetSegmentation().GetNumberOfSegments():
+            labels = mrml_io.annotationLabelArray(volumeNode, segmentationNode, segments)
+            plane = [slice(None)] * 3
+            plane[ref.axis] = ref.index
+            if labels[tuple(plane)].any():
+                note = _("{0} holds painted voxels: it is a painted slice, and every voxel of it you did not paint "
+                         "counts as background already.").format(name)
+        return name, note
 
     def bundledModelChoices(self, selected: Optional[str] = None) -> list:
         """The bundled pretrained models as (name, label, toolTip, modelCard) entries, ``default``
@@ -670,6 +962,10 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
             raise ModelError(_("The bundled model '{0}' has no MODEL_CARD.md: its model.json in {1} describes "
                                "it.").format(model.name, model.path))
         return str(model.modelCard)
+
+    def bundledModelCardText(self, name: str = DEFAULT_BUNDLED) -> str:
+        """The text of a bundled model's MODEL_CARD.md (Markdown)."""
+        return readModelCard(self.bundledModelCard(name))
 
     def initForSource(self, modelSource: str, currentModelPath: Optional[str],
                       bundledModel: str = DEFAULT_BUNDLED) -> str:
@@ -705,16 +1001,18 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
     def _wait(self):
         return self.jobs.wait(idle=slicer.app.processEvents)
 
-    def finetune(self, volumeNode, segmentationNode, segments=None, init: str = "scratch",
-                 timeBudgetS: Optional[float] = 120.0, steps: Optional[int] = None, device: str = "auto",
+    def finetune(self, volumeNode, segmentationNode, segments=None, init: str = "auto",
+                 timeBudgetS: Optional[float] = None, steps: Optional[int] = None, device: str = "auto",
                  seed: int = 0, backgroundSlices: str = "", predict: bool = True, modelOut: Optional[str] = None,
                  overwrite: bool = False, predictionTarget=None, waitForCompletion: bool = True):
         """Fine-tune on the painted slices of ``segmentationNode`` (and predict ``volumeNode``).
 
-        init: 'scratch', 'bundled[:NAME]' or a model folder (warm start). With ``waitForCompletion``
-        (console, headless) returns the JobOutcome, with the prediction node in
-        ``outcome.predictionNode``; otherwise returns at once and the caller polls ``pollJob()``.
+        init: 'auto' (the engine's default start), 'scratch', 'bundled[:NAME]' or a model folder
+        (warm start). timeBudgetS: None for the engine's default unless ``steps`` is given. With
+        ``waitForCompletion`` (console, headless) returns the JobOutcome, with the prediction node
+        in ``outcome.predictionNode``; otherwise returns at once and the caller polls ``pollJob()``.
         """
+        self.checkPython()
         self.jobs.startFinetune(volumeNode, segmentationNode, segments=segments, init=init, timeBudgetS=timeBudgetS,
                                 steps=steps, device=device, seed=seed, backgroundSlices=backgroundSlices,
                                 predict=predict, modelOut=modelOut, overwrite=overwrite,
@@ -722,14 +1020,36 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
         return self._wait() if waitForCompletion else self.jobs.job
 
     def predict(self, volumeNode, model, segments=None, device: str = "auto", annotationNode=None,
-                predictionTarget=None, waitForCompletion: bool = True):
+                backgroundSlices: str = "", colorNode=None, predictionTarget=None, waitForCompletion: bool = True):
         """Segment ``volumeNode`` with a model folder (or 'bundled:NAME'); the result is a new
-        segmentation '<volume> prediction' next to the volume."""
+        segmentation '<volume> prediction' next to the volume.
+
+        annotationNode: the sparse annotation of this volume (Predict after fine-tuning): the job
+        uses it as fine-tuning's own prediction does (equal on the painted slices, region around
+        the painted structures, post-processing), so the result is the same. None (Apply to another
+        volume): the whole volume, colours from ``colorNode``.
+        """
         if not model:
             raise ModelError(_("No model: fine-tune once or load a model folder first."))
+        self.checkPython()
         self.jobs.startPrediction(volumeNode, model, segments=segments, device=device, annotationNode=annotationNode,
+                                  backgroundSlices=backgroundSlices, colorNode=colorNode,
                                   predictionTarget=predictionTarget)
         return self._wait() if waitForCompletion else self.jobs.job
+
+    # ------------------------------------------------------------------ sample data
+
+    def loadSampleCase(self, case: str = sample_data.TUTORIAL_CASE, annotated: Optional[bool] = None):
+        """Load one of the engine's sample scans (fetched once into its cache when missing, which
+        needs access to PyPI); ``brain1`` comes with the tutorial's sparse annotation. Returns the
+        SampleCase (volumeNode, segmentationNode)."""
+        if not sample_data.isCached(case):
+            self.checkPython()
+            self.jobs.startSampleFetch(sample_data.SOURCE)
+            outcome = self._wait()
+            if not outcome.ok:
+                raise mrml_io.InputError(_("Fetching the sample scans failed: {0}").format(outcome.errorMessage))
+        return sample_data.loadCase(slicer.mrmlScene, case, annotated)
 
     # ------------------------------------------------------------------ results
 
@@ -750,6 +1070,8 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
         return mrml_io.copySegmentsToAnnotation(predictionNode, annotationNode, volumeNode, segments,
                                                 keepAnnotatedSlices=keepAnnotatedSlices, extraSlices=backgroundSlices)
 
+    # ------------------------------------------------------------------ models
+
     def saveModel(self, modelPath, destination):
         """Copy a model folder to ``destination`` (to keep or share it)."""
         if not modelPath:
@@ -760,6 +1082,24 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
         """Validate a model folder and return its ModelInfo (it is used in place, not copied)."""
         return readModelInfo(folder)
 
+    def savedModels(self) -> list:
+        """The fine-tuned models of the models folder (volume, segments, date, size), newest first."""
+        return self.registry.savedModels()
+
+    def deleteModel(self, model) -> None:
+        """Delete a fine-tuned model of the models folder (folder or ModelInfo)."""
+        self.registry.deleteModel(model)
+
+    def recoverableModels(self) -> list:
+        """Models that jobs saved after their Slicer had exited and that were never loaded since."""
+        return self.registry.recoverableModels()
+
+    def acceptRecoveredModel(self, model):
+        """Mark a recovered model as loaded (it is no longer offered) and return its ModelInfo."""
+        info = model if not isinstance(model, (str, os.PathLike)) else readModelInfo(model)
+        self.registry.recordSource(info)
+        return info
+
 
 #
 # HSSLSegmentTest
@@ -767,7 +1107,8 @@ class HSSLSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class HSSLSegmentTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: a tiny synthetic volume, three painted slices, a few CPU steps."""
+    """In-Slicer self-test: a tiny synthetic volume, three painted slices, a few CPU steps, and the
+    panel itself driven through its buttons (the last part needs the Slicer application)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -777,6 +1118,8 @@ class HSSLSegmentTest(ScriptedLoadableModuleTest):
         self.test_badInput()
         self.setUp()
         self.test_finetuneTinyVolume()
+        self.setUp()
+        self.test_widgetSmoke()
 
     def makeScene(self):
         """A 24x32x32 volume (spacing 1.5 x 0.8 x 0.8 mm) with a bright ball; 'ball' painted on
@@ -817,18 +1160,22 @@ class HSSLSegmentTest(ScriptedLoadableModuleTest):
         self.assertFalse(logic.isJobRunning())
         self.delayDisplay("Bad input test passed")
 
-    def test_finetuneTinyVolume(self):
-        self.delayDisplay("Fine-tuning a few CPU steps on a tiny volume")
+    def dependenciesMissing(self) -> bool:
         missing = dependencies.missingRequirements()
         if missing:
             self.delayDisplay("Skipped: install the dependencies first (" + ", ".join(r.describe() for r in missing) + ")")
+        return bool(missing)
+
+    def test_finetuneTinyVolume(self):
+        self.delayDisplay("Fine-tuning a few CPU steps on a tiny volume")
+        if self.dependenciesMissing():
             return
         logic = HSSLSegmentLogic()
         volumeNode, segmentationNode, _ball = self.makeScene()
         before = mrml_io.segmentationFingerprint(segmentationNode)
         modelDir = os.path.join(slicer.app.temporaryPath, "HSSLSegmentSelfTestModel")
         shutil.rmtree(modelDir, ignore_errors=True)
-        outcome = logic.finetune(volumeNode, segmentationNode, steps=3, timeBudgetS=None, device="cpu",
+        outcome = logic.finetune(volumeNode, segmentationNode, init="scratch", steps=3, device="cpu",
                                  modelOut=modelDir, waitForCompletion=True)
         self.assertTrue(outcome.ok, outcome.errorMessage)
         prediction = outcome.predictionNode
@@ -841,3 +1188,89 @@ class HSSLSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(outcome.model.segmentNames, ["ball"])
         shutil.rmtree(modelDir, ignore_errors=True)
         self.delayDisplay("Self-test passed")
+
+    def waitForJob(self, widget, timeoutS: float) -> None:
+        """Let the panel's poll timer run the job to its end (as in normal use: events processed)."""
+        deadline = time.monotonic() + timeoutS
+        while widget.logic.isJobRunning() or widget.logic.jobs.job is not None:
+            if time.monotonic() > deadline:
+                widget.logic.cancelJob(graceful=False)
+                self.fail(f"the job did not end within {timeoutS:.0f} s")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        slicer.app.processEvents()
+
+    def test_widgetSmoke(self):
+        """The panel as a user drives it: select the inputs in its selectors and segments table, a
+        3-step fine-tune through the Fine-tune button and the poll timer, the prediction node, a
+        long fine-tune cancelled gracefully, a Predict cancelled (never shown as a failure)."""
+        self.delayDisplay("GUI smoke test: the panel driven through its buttons")
+        if self.dependenciesMissing():
+            return
+        volumeNode, segmentationNode, _ball = self.makeScene()
+        parent = slicer.qMRMLWidget()
+        parent.setLayout(qt.QVBoxLayout())
+        parent.setMRMLScene(slicer.mrmlScene)
+        widget = HSSLSegmentWidget(parent)
+        widget.setup()
+        modelsDir = pathlib.Path(slicer.app.temporaryPath) / "HSSLSegmentSelfTestModels"
+        shutil.rmtree(modelsDir, ignore_errors=True)
+        widget.logic.registry.savedDir = modelsDir  # the user's models folder is left alone
+        try:
+            ui, p = widget.ui, widget._parameterNode
+            ui.inputVolumeSelector.setCurrentNode(volumeNode)
+            ui.annotationSelector.setCurrentNode(segmentationNode)
+            self.assertIs(p.inputVolume, volumeNode)
+            self.assertIs(p.annotationSegmentation, segmentationNode)
+            self.assertEqual(ui.segmentsTableView.selectionMode, qt.QAbstractItemView.ExtendedSelection)
+            ui.segmentsTableView.setSelectedSegmentIDs([segmentationNode.GetSegmentation().GetNthSegmentID(0)])
+            self.assertEqual(list(p.selectedSegments), ["ball"])
+            self.assertIn("ball", ui.segmentsSelectionLabel.text)
+            ui.modelSourceComboBox.currentIndex = ui.modelSourceComboBox.findText("From scratch")
+            ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
+            ui.useStepsCheckBox.checked = True
+            ui.stepsSpinBox.value = 3
+            self.assertEqual((p.modelSource, p.device, p.useStepBudget, p.steps), ("From scratch", "cpu", True, 3))
+            self.assertTrue(ui.finetuneButton.enabled)
+
+            ui.finetuneButton.click()
+            self.assertTrue(widget.logic.isJobRunning())
+            self.assertEqual(ui.finetuneButton.text, "Cancel")
+            self.waitForJob(widget, 300)
+            self.assertTrue(ui.statusLabel.text.startswith("Done"), ui.statusLabel.text)
+            prediction = p.predictionSegmentation
+            self.assertIsNotNone(prediction)
+            self.assertEqual(prediction.GetName(), "tiny prediction")
+            self.assertEqual([name for _id, name in mrml_io.segmentIdsAndNames(prediction)], ["ball"])
+            self.assertEqual(p.modelSource, "Current model")
+            self.assertTrue(_modelPathOrNone(p.currentModelPath))
+            self.assertEqual(ui.currentModelLineEdit.text, p.currentModelPath)
+
+            # A long fine-tune, cancelled once through the same button: it stops and keeps its model.
+            ui.useStepsCheckBox.checked = False
+            ui.timeBudgetSpinBox.value = 600
+            ui.predictAfterCheckBox.checked = False
+            ui.finetuneButton.click()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                slicer.app.processEvents()
+                job = widget.logic.jobs.job
+                if job is None or (job.lastProgress is not None and job.lastProgress.phase is Phase.FINETUNE):
+                    break
+                time.sleep(0.05)
+            ui.finetuneButton.click()
+            self.waitForJob(widget, 120)
+            self.assertIn("stopped early", ui.statusLabel.text)
+
+            # Predict (with the annotation), cancelled at once: shown as cancelled, never as a failure.
+            ui.predictButton.click()
+            self.assertTrue(widget.logic.isJobRunning())
+            ui.finetuneButton.click()
+            self.waitForJob(widget, 120)
+            self.assertTrue(ui.statusLabel.text.startswith("Cancelled"), ui.statusLabel.text)
+            self.assertEqual(ui.savedModelsTableWidget.rowCount, 2)  # the two fine-tuned models are listed
+        finally:
+            widget.cleanup()
+            parent.deleteLater()
+            shutil.rmtree(modelsDir, ignore_errors=True)
+        self.delayDisplay("GUI smoke test passed")

@@ -3,7 +3,7 @@
 In Slicer (the extension installed, or this source tree next to the script):
 
     Slicer --no-main-window --python-script scripts/slicer_finetune_example.py -- \\
-        --image lung1_image.nrrd --labels my_slices.seg.nrrd --out out/ --time-budget 120
+        --image lung1_image.nrrd --labels my_slices.seg.nrrd --out out/ --time-budget 150
 
 With a plain Python that has the ``slicer-core`` wheel, torch and MONAI (same arguments):
 
@@ -29,8 +29,11 @@ def parseArguments(argv):
     parser.add_argument("--names", default=None, help="for a labelmap: VALUE=NAME,... e.g. 1=tumour")
     parser.add_argument("--segments", default=None, help="comma-separated segment names to learn (default all)")
     parser.add_argument("--background-slices", default="", help="slices annotated as background only, e.g. axial:3")
-    parser.add_argument("--init", default="scratch", help="scratch | bundled[:NAME] | model folder")
-    parser.add_argument("--time-budget", type=float, default=120.0, help="seconds of fine-tuning")
+    parser.add_argument("--init", default="auto",
+                        help="auto (the shipped pretrained model, the engine's default) | scratch | bundled[:NAME] | "
+                             "model folder")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds of fine-tuning (default: the engine's, 150 s, unless --steps is given)")
     parser.add_argument("--steps", type=int, default=None, help="a step budget instead of a time budget")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--seed", type=int, default=0)
@@ -75,13 +78,13 @@ def main(argv):
         run = logic.finetune
     else:
         # Plain Python with slicer-core: the same GUI-free workflow the Logic wraps.
-        from HSSLSegmentLib.model_registry import ModelRegistry
+        from HSSLSegmentLib.model_registry import ModelRegistry, bundledModelsDir
         from HSSLSegmentLib.segmentation_jobs import SegmentationJobs
 
         mrml_io.registerSegmentationConverters()
         scene = slicer.vtkMRMLScene()
         engineDir = os.environ.get("HSSLSEGMENT_ENGINE_DIR", str(SOURCE_MODULE_DIR))
-        jobs = SegmentationJobs(sys.executable, engineDir, ModelRegistry(None, out / "models"))
+        jobs = SegmentationJobs(sys.executable, engineDir, ModelRegistry(bundledModelsDir(), out / "models"))
 
         def run(*positional, **keywords):
             keywords.pop("waitForCompletion", None)
@@ -107,7 +110,7 @@ def main(argv):
                       timeBudgetS=None if args.steps else args.time_budget, steps=args.steps, device=args.device,
                       seed=args.seed, backgroundSlices=args.background_slices, predict=True, modelOut=str(modelOut),
                       overwrite=args.overwrite, waitForCompletion=True)
-    except (mrml_io.InputError, ModelError, JobAlreadyRunningError, ValueError) as err:
+    except (mrml_io.InputError, ModelError, JobAlreadyRunningError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not outcome.ok:

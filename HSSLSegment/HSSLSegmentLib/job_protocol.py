@@ -1,14 +1,16 @@
 """The background-job protocol between the Slicer module and the engine (docs/job-protocol.md).
 
-The Slicer side writes a ``job.json`` (:class:`JobSpec`), starts ``python -m hssl job --job job.json``
-and reads its stdout line by line. Every line that parses as a JSON object with an ``event`` key is
-an event (:class:`JobEvent`); every other line is a human log line and is kept as an
-``EventType.LOG`` event, never an error.
+The Slicer side writes a ``job.json`` (:class:`JobSpec`, defined once in the engine's stdlib-only
+``hssl.jobspec`` and imported here), starts ``python -m hssl job --job job.json`` and reads its
+stdout line by line. Every line that parses as a JSON object with an ``event`` key is an event
+(:class:`JobEvent`); every other line is a human log line and is kept as an ``EventType.LOG``
+event, never an error.
 
 Field names of :class:`JobSpec` and :class:`JobEvent` are the protocol's JSON keys (snake_case) on
 purpose: one name per concept on both sides of the process boundary.
 
-Stdlib only: this module is imported by the Slicer module, by tests without Slicer and by scripts.
+Stdlib only (``hssl.jobspec`` and ``hssl.recipe`` are stdlib too): this module is imported by the
+Slicer module, by tests without Slicer and by scripts.
 """
 from __future__ import annotations
 
@@ -16,13 +18,10 @@ import dataclasses
 import enum
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
-
-class JobSpecError(ValueError):
-    """A job description that the engine would refuse; the message names the field and the fix."""
+from hssl.jobspec import DEVICES, JobSpec, JobSpecError  # noqa: F401 - the protocol's one definition
+from hssl.recipe import DEFAULT_TIME_BUDGET_S  # noqa: F401 - the default budget of every front end
 
 
 class ExitCode(enum.IntEnum):
@@ -77,111 +76,6 @@ class Phase(str, enum.Enum):
             Phase.SAVE: "Saving model",
             Phase.PREDICT: "Predicting",
         }[self]
-
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-INIT_KEYWORDS = ("scratch", "bundled")
-
-
-@dataclasses.dataclass
-class JobSpec:
-    """The content of ``job.json``. Paths are absolute; ``None`` fields are left out of the file.
-
-    image: scalar volume file (written by a storage node). labels: sparse annotation, a ``.seg.nrrd``
-    or a labelmap on the image grid. segments: names to learn (default all). slices: explicit
-    annotated slices such as ``"axial:12"`` (index along the image axis closest to head-foot;
-    default: the engine detects them). model_out: folder to write. init: ``scratch``,
-    ``bundled[:NAME]`` or a model folder to warm-start from. time_budget: seconds. steps:
-    optimiser steps (the engine uses 180 s when neither is given).
-    """
-
-    image: str
-    labels: str
-    model_out: str
-    segments: list[str] | None = None
-    slices: list[str] | None = None
-    prediction_out: str | None = None
-    init: str = "scratch"
-    time_budget: float | None = None
-    steps: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    stop_file: str | None = None
-    overwrite: bool = False
-
-    def validate(self) -> "JobSpec":
-        """Check what can be checked without reading the files; raise :class:`JobSpecError`."""
-        for key in ("image", "labels", "model_out", "prediction_out", "stop_file"):
-            value = getattr(self, key)
-            if value is None:
-                if key in ("image", "labels", "model_out"):
-                    raise JobSpecError(f"job field '{key}' is required")
-                continue
-            if not isinstance(value, str) or not value:
-                raise JobSpecError(f"job field '{key}' must be a non-empty path string")
-            if not os.path.isabs(value):
-                raise JobSpecError(f"job field '{key}' must be an absolute path, got '{value}'")
-        if self.prediction_out is not None and not self.prediction_out.lower().endswith(
-                (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")):
-            raise JobSpecError(f"job field 'prediction_out' must end with .seg.nrrd, got '{self.prediction_out}'")
-        if not isinstance(self.init, str) or not (
-                self.init in INIT_KEYWORDS or self.init.startswith("bundled:") or os.path.isabs(self.init)):
-            raise JobSpecError(f"job field 'init' must be 'scratch', 'bundled[:NAME]' or an absolute model "
-                               f"folder, got {self.init!r}")
-        if self.device not in DEVICES:
-            raise JobSpecError(f"job field 'device' must be one of {', '.join(DEVICES)}, got '{self.device}'")
-        if self.time_budget is not None:
-            if isinstance(self.time_budget, bool) or not isinstance(self.time_budget, (int, float)) \
-                    or not math.isfinite(self.time_budget) or self.time_budget <= 0:
-                raise JobSpecError(f"job field 'time_budget' must be a positive number of seconds, "
-                                   f"got {self.time_budget!r}")
-        if self.steps is not None:
-            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-                raise JobSpecError(f"job field 'steps' must be a positive integer, got {self.steps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise JobSpecError(f"job field 'seed' must be an integer, got {self.seed!r}")
-        for key in ("segments", "slices"):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-                raise JobSpecError(f"job field '{key}' must be a list of non-empty strings, got {value!r}")
-            if key == "segments" and len(set(value)) != len(value):
-                raise JobSpecError(f"job field 'segments' names a segment twice: {value}")
-        for spec in self.slices or []:
-            for part in spec.replace(" ", "").split(";"):
-                name, sep, indices = part.partition(":")
-                if part and (not sep or not indices or not all(v.strip().isdigit() for v in indices.split(",") if v)):
-                    raise JobSpecError(f"job slice '{part}' must look like 'axial:12' (orientation:index)")
-        return self
-
-    def toDict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    def write(self, path: str | os.PathLike) -> Path:
-        """Validate, then write ``path`` (UTF-8 JSON). Returns the path."""
-        self.validate()
-        path = Path(path)
-        path.write_text(json.dumps(self.toDict(), indent=2) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def fromDict(cls, data: dict[str, Any]) -> "JobSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise JobSpecError(f"job.json has unknown key '{unknown[0]}'")
-        return cls(**data).validate()
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> "JobSpec":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise JobSpecError(f"cannot read job file '{path}': {err}") from None
-        if not isinstance(data, dict):
-            raise JobSpecError(f"job file '{path}' must hold a JSON object")
-        return cls.fromDict(data)
 
 
 @dataclasses.dataclass

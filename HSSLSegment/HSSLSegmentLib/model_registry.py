@@ -1,15 +1,19 @@
-"""Which models exist: pretrained ones bundled with the extension and ones the user saved.
+"""Which models exist: pretrained ones bundled with the extension and the fine-tuned ones in the
+user's models folder; listing, sizes, deletion, recovery of jobs that outlived Slicer.
 
-A model is a folder written by the engine: ``model.json`` (format ``hssl-model/1``, the label table,
-normalisation, plan, training log) and ``model.safetensors`` (weights). This module only reads the
-JSON; it never loads weights (no torch on the Slicer side).
+The model folder format and the ``bundled[:NAME]`` grammar are the engine's (``hssl.model_format``,
+stdlib, imported here). This module only reads ``model.json``; it never loads weights (no torch on
+the Slicer side). Model folders are user input: anything unreadable is "not a model", never a crash.
 
 - Bundled: ``<module>/Resources/Models/<name>/`` - passed to the engine as ``init: "bundled:<name>"``
   (plain ``"bundled"`` for the one named ``default``). Each may carry a ``MODEL_CARD.md``.
-- Saved: a user folder (default ``<Slicer user settings>/HSSLSegment/Models``), one sub-folder per
-  model; passed to the engine by absolute path.
+- Saved: the models folder (default ``<Slicer user settings>/HSSLSegment/Models``), one sub-folder
+  per model; passed to the engine by absolute path. After the module has loaded a model it wrote,
+  the folder also holds ``slicer.json`` (:data:`SOURCE_RECORD`): the volume and annotation it was
+  trained on. A folder without it that the engine saved because Slicer had exited
+  (``training.stop_reason == "parent-exited"`` in model.json) is *recoverable*: the module offers it.
 
-Stdlib only.
+Stdlib only (and ``hssl.model_format``).
 """
 from __future__ import annotations
 
@@ -18,15 +22,22 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
 
-MODEL_FORMAT = "hssl-model/1"
-META_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "MODEL_CARD.md"
-DEFAULT_BUNDLED = "default"  # the bundled model that a plain ``init: "bundled"`` means
+from hssl.model_format import (CARD, DEFAULT_BUNDLED, FORMAT, META, WEIGHTS, ModelFormatError, bundled_init,
+                               bundled_model_names, bundled_models_dir, parse_init, read_meta)
+
+__all__ = ["CARD", "DEFAULT_BUNDLED", "FORMAT", "META", "PARENT_EXITED", "SOURCE_RECORD", "WEIGHTS",
+           "BundledModelChoice", "ModelError", "ModelInfo", "ModelRegistry", "autoStartsPretrained",
+           "bundledModelChoices", "bundledModelsDir", "checkModelSegments", "formatSize", "readModelCard",
+           "readModelInfo"]
+
+SOURCE_RECORD = "slicer.json"  # written by the module into a saved model once it has loaded it
+PARENT_EXITED = "parent-exited"  # model.json training.stop_reason of a job that outlived its Slicer
+MODEL_CARD_MAX_BYTES = 1_000_000  # a model card is a page of text; a bigger file is not read whole
 
 
 class ModelError(ValueError):
@@ -44,11 +55,17 @@ class ModelInfo:
     created: str = ""
     description: str = ""
     pretrainingMethod: str = ""  # model.json "pretraining.method"; empty for models never pretrained
+    sizeBytes: int = 0  # all files of the folder
+    steps: int | None = None  # model.json training.steps
+    stopReason: str = ""  # model.json training.stop_reason (e.g. "parent-exited")
+    volumeName: str = ""  # from slicer.json: the volume it was fine-tuned on in Slicer
+    annotationName: str = ""  # from slicer.json
+    loadedInSlicer: bool = False  # slicer.json exists: the module has loaded this model
 
     @property
     def modelCard(self) -> Path | None:
         """The folder's MODEL_CARD.md, or None when it has none."""
-        card = self.path / CARD_FILE
+        card = self.path / CARD
         return card if card.is_file() else None
 
     @property
@@ -58,7 +75,12 @@ class ModelInfo:
     @property
     def initValue(self) -> str:
         """The job's ``init`` value that warm-starts from this model."""
-        return f"bundled:{self.name}" if self.kind == "bundled" else str(self.path)
+        return bundled_init(self.name) if self.kind == "bundled" else str(self.path)
+
+    @property
+    def recoverable(self) -> bool:
+        """Saved by a job after Slicer had exited, and never loaded since."""
+        return self.kind == "saved" and self.stopReason == PARENT_EXITED and not self.loadedInSlicer
 
     def describe(self) -> str:
         segments = ", ".join(self.segmentNames) or "no segment"
@@ -66,30 +88,87 @@ class ModelInfo:
         return f"{self.name} ({self.kind}: {segments}{when})"
 
 
+def bundledModelsDir() -> Path:
+    """Where this version's bundled models are: the folder the engine resolves ``bundled[:NAME]``
+    in (the extension's ``Resources/Models``, or ``$HSSL_MODELS_DIR``), so both sides list the same."""
+    return bundled_models_dir()
+
+
+def autoStartsPretrained(root: str | os.PathLike | None = None) -> bool:
+    """Whether the engine's default start (``init: "auto"``) is the shipped default pretrained model
+    (it is whenever ``default`` is bundled; scratch otherwise): the same test the engine makes."""
+    return DEFAULT_BUNDLED in bundled_model_names(root)
+
+
 def readModelInfo(folder: str | os.PathLike, kind: str = "saved") -> ModelInfo:
-    """Read ``folder/model.json``; raise :class:`ModelError` if the folder is not a usable model."""
+    """Read ``folder/model.json`` (and ``slicer.json``); raise :class:`ModelError` if the folder is
+    not a usable model."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"Model folder '{folder}' does not exist: choose a folder saved by HSSLSegment.")
-    for required in (META_FILE, WEIGHTS_FILE):
-        if not (folder / required).is_file():
-            raise ModelError(f"'{folder}' is not an HSSLSegment model (no {required}): choose the folder that "
-                             f"holds {META_FILE} and {WEIGHTS_FILE}.")
     try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"Model '{folder.name}': {META_FILE} cannot be read ({err}).") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelError(f"Model '{folder.name}' has format {found!r}, not {MODEL_FORMAT!r}: it was written by "
-                         "another tool or version.")
+        meta = read_meta(folder)
+    except ModelFormatError as err:
+        raise ModelError(str(err)) from None
     labels = meta.get("labels")
     if not isinstance(labels, list) or not all(isinstance(label, dict) and "name" in label for label in labels):
-        raise ModelError(f"Model '{folder.name}': {META_FILE} has no valid label table.")
-    pretraining = meta.get("pretraining")
-    method = pretraining.get("method", "") if isinstance(pretraining, dict) else ""
-    return ModelInfo(folder.name, folder, kind, labels, str(meta.get("created", "")),
-                     str(meta.get("description", "")), str(method or ""))
+        raise ModelError(f"model folder '{folder}': {META} has no valid label table: re-train or copy the folder "
+                         "again")
+
+    def section(key: str) -> dict:
+        value = meta.get(key)
+        return value if isinstance(value, dict) else {}
+
+    training = section("training")
+    steps = training.get("steps")
+    record = _readSourceRecord(folder)
+    return ModelInfo(folder.name, folder, kind, labels, str(meta.get("created", "")), str(meta.get("description", "")),
+                     str(section("pretraining").get("method", "") or ""), _folderSize(folder),
+                     steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+                     str(training.get("stop_reason", "") or ""), str(record.get("volume", "")),
+                     str(record.get("annotation", "")), bool(record))
+
+
+def _readSourceRecord(folder: Path) -> dict:
+    try:
+        record = json.loads((folder / SOURCE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _folderSize(folder: Path) -> int:
+    total = 0
+    try:
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    return total
+
+
+def formatSize(sizeBytes: int) -> str:
+    """``1536`` -> ``"1.5 kB"``; decimal units, as file managers show them."""
+    size = float(sizeBytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def readModelCard(path: str | os.PathLike) -> str:
+    """The text of a MODEL_CARD.md (model folders are user input: at most 1 MB is read, bytes that
+    are not UTF-8 are replaced)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MODEL_CARD_MAX_BYTES + 1)
+    except OSError as err:
+        raise ModelError(f"Cannot read the model card '{path}' ({err.strerror or err}).") from None
+    text = data[:MODEL_CARD_MAX_BYTES].decode("utf-8", errors="replace")
+    if len(data) > MODEL_CARD_MAX_BYTES:
+        text += f"\n\n[... the file is longer than {MODEL_CARD_MAX_BYTES // 1000} kB; the rest is not shown]"
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +240,7 @@ def _safeName(text: str) -> str:
 
 
 class ModelRegistry:
-    """Lists bundled and saved models and names new model folders."""
+    """Lists bundled and saved models, names new model folders, records, deletes and recovers them."""
 
     def __init__(self, bundledDir: str | os.PathLike | None, savedDir: str | os.PathLike):
         self.bundledDir = Path(bundledDir) if bundledDir else None
@@ -182,10 +261,16 @@ class ModelRegistry:
         return self._scan(self.bundledDir, "bundled")
 
     def savedModels(self) -> list[ModelInfo]:
-        return self._scan(self.savedDir, "saved")
+        """The fine-tuned models in the models folder, newest first."""
+        return sorted(self._scan(self.savedDir, "saved"), key=lambda m: (m.created, m.name), reverse=True)
 
-    def allModels(self) -> list[ModelInfo]:
-        return self.bundledModels() + self.savedModels()
+    def recoverableModels(self) -> list[ModelInfo]:
+        """Saved models that a job wrote after its Slicer had exited and that no Slicer loaded since."""
+        return [model for model in self.savedModels() if model.recoverable]
+
+    def hasDefaultBundled(self) -> bool:
+        """Whether this version ships the model ``init: "auto"`` starts from (``default``)."""
+        return any(model.name == DEFAULT_BUNDLED for model in self.bundledModels())
 
     def findBundled(self, name: str = DEFAULT_BUNDLED) -> ModelInfo:
         """The bundled model of that folder name; :class:`ModelError` listing the shipped ones if absent."""
@@ -202,16 +287,22 @@ class ModelRegistry:
     def bundledInit(self, name: str | None = DEFAULT_BUNDLED) -> str:
         """The job's ``init`` that starts from the bundled model ``name`` (checked to exist):
         ``"bundled"`` for ``default`` (also for an empty name), ``"bundled:<name>"`` otherwise."""
-        model = self.findBundled(name or DEFAULT_BUNDLED)
-        return "bundled" if model.name == DEFAULT_BUNDLED else f"bundled:{model.name}"
+        return bundled_init(self.findBundled(name or DEFAULT_BUNDLED).name)
 
     def find(self, nameOrPath: str) -> ModelInfo:
-        """A model by bundled/saved name, ``bundled[:<name>]`` or folder path."""
-        if nameOrPath == "bundled" or nameOrPath.startswith("bundled:"):
-            return self.findBundled(nameOrPath.partition(":")[2] or DEFAULT_BUNDLED)
-        path = Path(nameOrPath)
+        """A model by ``bundled[:<name>]`` (the engine's grammar), folder path or saved model name."""
+        try:
+            how, where = parse_init(nameOrPath)
+        except ModelFormatError as err:
+            raise ModelError(str(err)) from None
+        if how == "bundled":
+            return self.findBundled(where)
+        if how != "path":
+            raise ModelError(f"'{nameOrPath}' names no model folder: choose a model folder or a bundled model.")
+        path = Path(where)
         if path.is_absolute() or path.exists():
-            return readModelInfo(path, "bundled" if self.bundledDir and self.bundledDir in path.parents else "saved")
+            inBundled = self.bundledDir is not None and self.bundledDir.resolve() in path.resolve().parents
+            return readModelInfo(path, "bundled" if inBundled else "saved")
         for model in self.savedModels() + self.bundledModels():
             if model.name == nameOrPath:
                 return model
@@ -228,18 +319,69 @@ class ModelRegistry:
             n += 1
         return candidate
 
+    def _inSavedDir(self, path: Path) -> bool:
+        try:
+            return path.resolve().parent == self.savedDir.resolve()
+        except OSError:
+            return False
+
+    def recordSource(self, model: ModelInfo, volumeNode=None, annotationNode=None) -> None:
+        """Write ``slicer.json`` into a model of the models folder: the module has loaded it, and
+        which volume and annotation it came from (names, for the model list). Models elsewhere (a
+        folder the user chose) are left as the engine wrote them."""
+        if not self._inSavedDir(model.path):
+            return
+        record = {"volume": volumeNode.GetName() if volumeNode is not None else model.volumeName,
+                  "annotation": annotationNode.GetName() if annotationNode is not None else model.annotationName,
+                  "segments": model.segmentNames, "loaded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        fd, tmp = tempfile.mkstemp(prefix=f".{SOURCE_RECORD}.", dir=str(model.path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, model.path / SOURCE_RECORD)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        model.volumeName, model.annotationName, model.loadedInSlicer = record["volume"], record["annotation"], True
+
+    def deleteModel(self, model: ModelInfo | str | os.PathLike) -> None:
+        """Delete a fine-tuned model of the models folder (never a bundled model or a folder
+        elsewhere). The folder is first renamed to a hidden name, so no half-deleted model is ever
+        listed."""
+        info = model if isinstance(model, ModelInfo) else readModelInfo(model)
+        if info.kind != "saved" or not self._inSavedDir(info.path):
+            raise ModelError(f"'{info.path}' is not in the models folder {self.savedDir}: only fine-tuned models "
+                             "kept there can be deleted here.")
+        doomed = Path(tempfile.mkdtemp(prefix=f".deleting-{info.name}.", dir=str(self.savedDir)))
+        os.replace(info.path, doomed / info.name)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def totalSize(self) -> int:
+        """Bytes held by the fine-tuned models of the models folder."""
+        return sum(model.sizeBytes for model in self.savedModels())
+
     def copyModel(self, source: str | os.PathLike, destination: str | os.PathLike, overwrite: bool = False) -> ModelInfo:
-        """Copy a model folder (validated first) to ``destination`` (save as / import)."""
+        """Copy a model folder (validated first) to ``destination`` (save as / import), through a
+        hidden sibling folder renamed into place. ``slicer.json`` stays behind: it names the volume
+        the model was trained on, which a shared copy should not carry."""
         info = readModelInfo(source)
         destination = Path(destination)
         if destination.resolve() == info.path.resolve():
             return info
-        if destination.exists():
-            if not overwrite:
-                raise ModelError(f"'{destination}' already exists: choose another folder name.")
-            shutil.rmtree(destination)
+        if destination.exists() and not overwrite:
+            raise ModelError(f"'{destination}' already exists: choose another folder name.")
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(info.path, destination)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=str(destination.parent)))
+        try:
+            shutil.copytree(info.path, staging / "new", ignore=shutil.ignore_patterns(SOURCE_RECORD, ".*"))
+            if destination.exists():
+                os.replace(destination, staging / "old")
+            os.replace(staging / "new", destination)
+        except OSError as err:
+            raise ModelError(f"Cannot copy the model to '{destination}' ({err.strerror or err}): check the folder is "
+                             "writable and has free space.") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return readModelInfo(destination)
 
     def importModel(self, source: str | os.PathLike) -> ModelInfo:

@@ -47,9 +47,6 @@ class LabelEntry:
     color: tuple[float, float, float]
     segmentId: str = ""
 
-    def toJson(self) -> dict:
-        return {"name": self.name, "value": self.value, "color": [round(c, 4) for c in self.color]}
-
 
 @dataclasses.dataclass
 class ExportResult:
@@ -88,14 +85,6 @@ def registerSegmentationConverters() -> None:
 
 def _matrixToArray(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _arrayToMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
 
 
 def ijkToRas(volumeNode) -> np.ndarray:
@@ -388,7 +377,7 @@ def _writeLabelSegmentation(scratch: _ScratchScene, labelArray: np.ndarray, labe
 
 def exportJobInputs(volumeNode, segmentationNode, segments: Iterable[str] | None, folder: str | os.PathLike,
                     imageName: str = "image.nrrd", labelsName: str = "labels.seg.nrrd") -> ExportResult:
-    """Write the job's image and sparse-annotation files into ``folder``.
+    """Write a fine-tuning job's image and sparse-annotation files into ``folder``.
 
     volumeNode: scalar volume (the scan). segmentationNode: the sparse annotation. segments: ids or
     names to learn, in label-value order (None: all). The labels file is a single-layer
@@ -405,30 +394,67 @@ def exportJobInputs(volumeNode, segmentationNode, segments: Iterable[str] | None
     segmentIds = resolveSegmentIds(segmentationNode, segments)
     if not segmentIds:
         raise InputError("No segment selected: select the segments to learn.")
-    _checkTransforms(volumeNode, segmentationNode)
+    result = _exportLabels(volumeNode, segmentationNode, list(zip(segmentIds, range(1, len(segmentIds) + 1))),
+                           Path(folder), imageName, labelsName, dropEmpty=False)
+    assert result is not None
+    return result
+
+
+def exportPredictionAnnotation(volumeNode, segmentationNode, modelLabels: Sequence[dict], folder: str | os.PathLike,
+                               imageName: str = "image.nrrd", labelsName: str = "labels.seg.nrrd"
+                               ) -> ExportResult | None:
+    """Write a prediction job's image and this volume's sparse annotation, numbered as the model
+    numbers its segments (``modelLabels``: model.json's ``[{"name", "value"}]``).
+
+    The annotation's segments that carry a model segment's name are written with that segment's
+    label value; segments the model does not know, and segments with no painted voxel, are left
+    out. Returns None (and writes only the image) when nothing of the model's segments is painted:
+    the whole volume is then predicted.
+    """
+    checkScalarVolume(volumeNode)
     folder = Path(folder)
+    byName = {name: sid for sid, name in segmentIdsAndNames(segmentationNode)} if segmentationNode else {}
+    chosen = [(byName[str(label.get("name"))], int(label["value"])) for label in modelLabels
+              if str(label.get("name")) in byName and "value" in label]
+    result = _exportLabels(volumeNode, segmentationNode, chosen, folder, imageName, labelsName,
+                           dropEmpty=True) if chosen else None
+    if result is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        writeVolume(volumeNode, folder / imageName)
+    return result
+
+
+def _exportLabels(volumeNode, segmentationNode, idsAndValues: Sequence[tuple[str, int]], folder: Path,
+                  imageName: str, labelsName: str, dropEmpty: bool) -> ExportResult | None:
+    """The image and the label file of ``(segment id, label value)`` pairs (later pairs win where
+    segments overlap). ``dropEmpty``: leave out segments with no painted voxel (None when all are),
+    else refuse them."""
+    _checkTransforms(volumeNode, segmentationNode)
     folder.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     matches, reason = segmentationMatchesVolume(segmentationNode, volumeNode)
     if not matches:
         warnings.append(f"Segmentation '{segmentationNode.GetName()}' does not lie on the voxel grid of "
                         f"'{volumeNode.GetName()}' ({reason}): it was resampled (nearest neighbour) onto the "
-                        "volume grid for training.")
+                        "volume grid for the job.")
     scratch = _ScratchScene(volumeNode)
     try:
         work = scratch.copyOf(segmentationNode)
-        masks = scratch.masks(work, segmentIds)
+        masks = scratch.masks(work, [sid for sid, _value in idsAndValues])
         names = dict(segmentIdsAndNames(segmentationNode))
-        counts = {names[sid]: int(masks[sid].sum()) for sid in segmentIds}
-        empty = [names[sid] for sid in segmentIds if counts[names[sid]] == 0]
-        if empty:
+        counts = {names[sid]: int(masks[sid].sum()) for sid, _value in idsAndValues}
+        empty = [names[sid] for sid, _value in idsAndValues if counts[names[sid]] == 0]
+        if empty and not dropEmpty:
             raise InputError(f"Segment{'s' if len(empty) > 1 else ''} {', '.join(repr(n) for n in empty)} "
                              "has no painted voxel: paint it on at least one slice or deselect it.")
+        idsAndValues = [(sid, value) for sid, value in idsAndValues if counts[names[sid]] > 0]
+        if not idsAndValues:
+            return None
         labelArray = np.zeros(next(iter(masks.values())).shape, dtype=np.int16)
         labels: list[LabelEntry] = []
         terminology: dict[str, str] = {}
         overlaps: list[tuple[str, str, int]] = []
-        for value, sid in enumerate(segmentIds, start=1):
+        for sid, value in idsAndValues:
             segment = segmentationNode.GetSegmentation().GetSegment(sid)
             mask = masks[sid]
             for earlier in labels:

@@ -10,8 +10,14 @@ step, saves the model and exits 0); if the job is still running ``stopTimeoutS``
 process tree is killed. ``PythonSlicer`` is a launcher, so the engine is a grandchild of the process
 we start: killing only the direct child would leave the engine running.
 
-Stdlib only at module level; ``psutil`` is used when present (Slicer bundles it on most builds),
-otherwise the POSIX process group / Windows ``taskkill /T`` does the tree kill.
+A stop the user asked for (:meth:`JobProcess.requestStop`, :meth:`JobProcess.kill`) ends as
+``CANCELLED`` whatever exit code the job then returns, never as ``FAILED``; a job that stops
+gracefully and exits 0 ends as ``FINISHED`` with ``stopped`` set (its model was saved).
+
+Stdlib only at module level. ``psutil`` is used when present; Slicer does not ship it (it is not
+among the Python packages of Slicer's SuperBuild), so without it the POSIX process group (the job
+runs in its own session) or Windows' ``taskkill /T`` does the tree kill. Nothing started here opens
+a console window on Windows (``CREATE_NO_WINDOW``).
 """
 from __future__ import annotations
 
@@ -34,6 +40,10 @@ from typing import Callable, ClassVar, Mapping, Sequence
 from .job_protocol import EventType, ExitCode, JobEvent, parseLine
 
 log = logging.getLogger(__name__)
+
+
+# Windows: a child of a GUI program gets no console window (a console program would flash one).
+NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 
 
 class JobAlreadyRunningError(RuntimeError):
@@ -66,6 +76,7 @@ class JobResult:
     prediction: str | None = None
     device: str | None = None
     durationS: float = 0.0
+    detail: str | None = None  # the done event's message (e.g. the device check's "cuda (NVIDIA ...)")
 
     @property
     def ok(self) -> bool:
@@ -109,7 +120,8 @@ def killProcessTree(pid: int, processGroup: int | None = None, timeoutS: float =
         except (ProcessLookupError, PermissionError):
             pass
     elif os.name == "nt" and psutil is None:
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False,
+                       creationflags=NO_WINDOW)
         killed.append(pid)
     return killed
 
@@ -156,6 +168,7 @@ class JobProcess:
         self._startTime = 0.0
         self._lastOutputTime = 0.0
         self._stopRequestedTime: float | None = None
+        self._userStopped = False  # the user asked for a stop or a kill: never reported as a failure
         self._exitSeenTime: float | None = None
         self._killedBy: JobState | None = None
         self._killMessage: str | None = None
@@ -194,8 +207,7 @@ class JobProcess:
             if os.name == "posix":
                 kwargs["start_new_session"] = True  # own process group, so the tree can be killed
             elif os.name == "nt":
-                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(
-                    subprocess, "CREATE_NO_WINDOW", 0)
+                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | NO_WINDOW
             if self.stopFile is not None and self.stopFile.exists():
                 self.stopFile.unlink()
             try:
@@ -321,19 +333,24 @@ class JobProcess:
             message = self._killMessage
         elif code == 0:
             state = JobState.FINISHED
+        elif self._userStopped:
+            state = JobState.CANCELLED
+            message = f"stopped on request ({ExitCode.describe(code)})"
         else:
             state = JobState.FAILED
             detail = (errorEvent.message if errorEvent and errorEvent.message else None) \
                 or self._stderrError or self._stderrLast
             meaning = ExitCode.describe(code)
             message = f"{detail} ({meaning})" if detail else f"the job ended with {meaning}; see the log"
-        device = (self.lastProgress.device if self.lastProgress else None) or (start.device if start else None)
+        device = (self.lastProgress.device if self.lastProgress else None) or (start.device if start else None) \
+            or (done.device if done else None)
         self.result = JobResult(
             state=state, exitCode=code, errorMessage=message,
             stopped=bool(done.stopped) if done else state is JobState.CANCELLED,
             model=(done.model if done and done.model else (saved.model if saved else None)),
             prediction=(done.prediction if done and done.prediction else (predicted.path if predicted else None)),
-            device=device, durationS=time.monotonic() - self._startTime)
+            device=device, durationS=time.monotonic() - self._startTime,
+            detail=done.message if done and done.message else None)
         self.state = state
         with JobProcess._activeLock:
             if JobProcess._active is self:
@@ -343,8 +360,15 @@ class JobProcess:
     # ------------------------------------------------------------------ control
 
     def requestStop(self) -> None:
-        """Ask the job to stop gracefully (it saves its model); escalates to a kill after stopTimeoutS."""
+        """Ask the job to stop gracefully (it saves its model); escalates to a kill after stopTimeoutS.
+
+        Without a stop file: SIGINT on POSIX; on Windows a kill at once, since a console control
+        event cannot reach a child started without a console (``CREATE_NO_WINDOW``)."""
         if not self.isRunning:
+            return
+        self._userStopped = True
+        if self.stopFile is None and os.name == "nt":
+            self.kill()
             return
         if self.stopFile is not None:
             try:
@@ -356,7 +380,7 @@ class JobProcess:
                 return
         elif self._popen is not None:
             try:
-                self._popen.send_signal(signal.SIGINT if os.name == "posix" else signal.CTRL_BREAK_EVENT)
+                self._popen.send_signal(signal.SIGINT)
             except (OSError, ValueError):
                 pass
         if self.state is JobState.RUNNING:
@@ -366,6 +390,7 @@ class JobProcess:
     def kill(self, message: str = "the job was cancelled") -> None:
         """Hard cancel now: kill the whole process tree. The next :meth:`poll` finishes the job."""
         if self.isRunning:
+            self._userStopped = True
             self._kill(JobState.CANCELLED, message)
 
     def wait(self, timeoutS: float | None = None, pollIntervalS: float = 0.05,

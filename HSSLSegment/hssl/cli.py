@@ -14,6 +14,8 @@ from . import __version__
 from .errors import HSSLError
 from .recipe import DEFAULT_RECIPE, DEFAULT_TIME_BUDGET_S, time_budget_or_default
 
+REFINE_CHOICES = ("network", "network+grow", "grow")  # hssl.refine.CANDIDATES, without importing numpy here
+
 log = logging.getLogger("hssl")
 
 
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-holdout", action="store_true", help="do not hold out a slice for the Dice estimate")
     p.add_argument("--no-roi", action="store_true",
                    help="train and predict on the whole volume, not only around the painted structures")
+    p.add_argument("--refine", default="auto", choices=["auto", *REFINE_CHOICES],
+                   help="the final step with an annotation: auto (chosen on the held-out slice) | network | "
+                        "network+grow (the network's sure voxels grown on the intensities) | grow (intensities only)")
     _precision_args(p)
     p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
     p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
@@ -86,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
     p.add_argument("--no-roi", action="store_true", help="with --annotation: predict the whole volume, not only "
                                                          "the region around the painted structures")
+    p.add_argument("--refine", default=None, choices=list(REFINE_CHOICES),
+                   help="with --annotation: the final step (default: the one the model chose when it was fine-tuned)")
     p.add_argument("--progress-json", action="store_true")
     p.add_argument("--overwrite", action="store_true")
 
@@ -140,29 +147,18 @@ def _patch(text: str | None):
 def cmd_finetune(a) -> int:
     from .finetune import FinetuneOptions
     from .progress import Progress
-    from .workflow import run_finetune, run_predict
+    from .workflow import finetune_and_predict
 
     progress = Progress(json_lines=a.progress_json)
     a._progress = progress
     opts = FinetuneOptions(steps=a.steps, time_budget=time_budget_or_default(a.time_budget, a.steps),
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
-                           precision="fp32" if a.no_amp else a.precision, init=a.init, modality=a.modality, patch_size=_patch(a.patch_size),
-                           stop_file=a.stop_file, roi=not a.no_roi)
+                           precision="fp32" if a.no_amp else a.precision, init=a.init, modality=a.modality,
+                           patch_size=_patch(a.patch_size), stop_file=a.stop_file, roi=not a.no_roi, refine=a.refine)
     opts.validate()
-    if a.predict:
-        from .io import check_output
-        check_output(a.predict, a.overwrite)
-    result = run_finetune(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, names=a.names,
-                          segments=_csv(a.segments), slices=a.slices, known_mask=a.known_mask,
-                          all_known=a.all_known)
-    prediction = None
-    if a.predict:
-        prediction = run_predict(result.model, a.image, a.predict, device=a.device, overwrite=a.overwrite,
-                                 progress=progress, annotation=result.annotation,
-                                 postprocess_mode=a.postprocess, roi=result.roi,
-                                 precision="fp32" if a.no_amp else a.precision)["path"]
-    progress.event("done", stopped=result.stopped, model=a.out, prediction=prediction,
-                   heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
+    finetune_and_predict(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, prediction_out=a.predict,
+                         postprocess_mode=a.postprocess, names=a.names, segments=_csv(a.segments), slices=a.slices,
+                         known_mask=a.known_mask, all_known=a.all_known)
     return 0
 
 
@@ -182,7 +178,7 @@ def cmd_predict(a) -> int:
         annotation, roi = prediction_annotation(a.annotation, read_image(a.image).geometry, use_roi=not a.no_roi)
     out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
                       _csv(a.segments), a.overwrite, progress, annotation, a.postprocess, roi,
-                      "fp32" if a.no_amp else a.precision)
+                      "fp32" if a.no_amp else a.precision, a.refine)
     progress.event("done", stopped=False, prediction=out["path"])
     return 0
 

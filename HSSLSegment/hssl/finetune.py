@@ -9,7 +9,6 @@ seconds, whichever ends first). With 3 or more annotated slices one is held out 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import signal
 import time

@@ -1,73 +1,113 @@
-"""The Slicer background job: ``python -m hssl job --job job.json`` (see docs/job-protocol.md).
+"""The background job: ``python -m hssl job --job job.json`` (keys: ``hssl.jobspec``; docs/job-protocol.md).
 
-Fine-tunes, saves the model folder, optionally predicts; progress as JSON lines on stdout.
+Progress goes to stdout as JSON lines, human lines to stderr. The three kinds run the product's own
+functions: ``finetune`` is ``workflow.finetune_and_predict`` (what ``hssl finetune`` runs),
+``predict`` is ``workflow.run_predict`` with ``workflow.prediction_annotation`` (what
+``hssl predict --annotation`` runs), ``device`` reports what ``device.resolve_device`` picks.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
 from .errors import HSSLError
-from .finetune import FinetuneOptions
+from .jobspec import JobSpec, JobSpecError
 from .progress import Progress
-from .recipe import time_budget_or_default
-
-KEYS = {"image", "labels", "segments", "slices", "model_out", "prediction_out", "init", "time_budget", "steps",
-        "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size",
-        "postprocess", "roi", "threads"}
-REQUIRED = {"image", "labels", "model_out"}
 
 
-def read_job(path: str) -> dict:
+class PredictionStopped(Exception):
+    """The stop file appeared while predicting (not an error: the job ends with exit code 0)."""
+
+
+class _StoppableProgress(Progress):
+    """JSON-line progress that ends a prediction between two sliding windows once the stop file exists."""
+
+    def __init__(self, stop_file: str | None):
+        super().__init__(json_lines=True, bar=False)
+        self.stop_file = stop_file
+
+    def stop_requested(self) -> bool:
+        return bool(self.stop_file) and os.path.exists(self.stop_file)
+
+    def update(self, phase: str, step: int, total: int, **fields) -> None:
+        if phase == "predict" and self.stop_requested():
+            raise PredictionStopped()
+        super().update(phase, step, total, **fields)
+
+
+def read_job(path: str) -> JobSpec:
+    """The validated job of ``path``; every problem is an :class:`HSSLError` naming the key."""
     try:
-        job = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HSSLError(f"job file '{path}' does not exist") from None
-    except (OSError, ValueError) as err:
-        raise HSSLError(f"job file '{path}' is not valid JSON ({err})") from None
-    if not isinstance(job, dict):
-        raise HSSLError(f"job file '{path}' must hold a JSON object")
-    unknown = sorted(set(job) - KEYS)
-    if unknown:
-        raise HSSLError(f"job file '{path}' has unknown key(s) {unknown}: allowed keys are {sorted(KEYS)}")
-    missing = sorted(REQUIRED - set(job))
-    if missing:
-        raise HSSLError(f"job file '{path}' lacks the key(s) {missing}")
-    return job
+        return JobSpec.read(path)
+    except JobSpecError as err:
+        raise HSSLError(str(err)) from None
 
 
 def run_job(path: str, args=None) -> int:
-    from .workflow import run_finetune, run_predict
-
-    progress = Progress(json_lines=True, bar=False)
+    spec = read_job(path)
+    progress = _StoppableProgress(spec.stop_file)
     if args is not None:
         args._progress = progress
-    job = read_job(path)
-    import os
-
+    if spec.kind == "device":
+        return _run_device(spec, progress)
     from .device import set_threads
 
     # Leave one core to Slicer's user interface unless the job says otherwise.
-    set_threads(job.get("threads") or max(1, (os.cpu_count() or 2) - 1))
-    opts = FinetuneOptions(steps=job.get("steps"), time_budget=time_budget_or_default(job.get("time_budget"), job.get("steps")),
-                           device=job.get("device", "auto"), seed=int(job.get("seed", 0)),
-                           init=job.get("init", "auto"), stop_file=job.get("stop_file"),
-                           modality=job.get("modality", "auto"), batch_size=job.get("batch_size"),
-                           roi=bool(job.get("roi", True)))
+    set_threads(spec.threads or max(1, (os.cpu_count() or 2) - 1))
+    if spec.kind == "predict":
+        return _run_predict(spec, progress)
+    return _run_finetune(spec, progress)
+
+
+def _run_finetune(spec: JobSpec, progress: Progress) -> int:
+    from .finetune import FinetuneOptions
+    from .workflow import finetune_and_predict
+
+    opts = FinetuneOptions(steps=spec.steps, time_budget=spec.time_budget_s(), device=spec.device, seed=spec.seed,
+                           init=spec.init, stop_file=spec.stop_file, modality=spec.modality,
+                           batch_size=spec.batch_size, roi=spec.roi)
     opts.validate()
-    overwrite = bool(job.get("overwrite", False))
-    prediction = job.get("prediction_out")
-    if prediction:
-        from .io import check_output
-        check_output(prediction, overwrite)
     progress.update("prepare", 0, 1, device=opts.device)
-    result = run_finetune(job["image"], job["labels"], job["model_out"], opts, progress, overwrite=overwrite,
-                          names=job.get("names"), segments=job.get("segments"), slices=job.get("slices"),
-                          known_mask=job.get("known_mask"))
-    if prediction:
-        run_predict(result.model, job["image"], prediction, device=opts.device, overwrite=overwrite,
-                    progress=progress, annotation=result.annotation,
-                    postprocess_mode=job.get("postprocess", "annotated-components"), roi=result.roi)
-    progress.event("done", stopped=result.stopped, model=job["model_out"], prediction=prediction,
-                   heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1))
+    finetune_and_predict(spec.image, spec.labels, spec.model_out, opts, progress, overwrite=spec.overwrite,
+                         prediction_out=spec.prediction_out, postprocess_mode=spec.postprocess, names=spec.names,
+                         segments=spec.segments, slices=spec.slices, known_mask=spec.known_mask)
+    return 0
+
+
+def _run_predict(spec: JobSpec, progress: _StoppableProgress) -> int:
+    from .io import check_output, read_image
+    from .workflow import prediction_annotation, run_predict
+
+    check_output(spec.prediction_out, spec.overwrite)
+    annotation = roi = None
+    try:
+        if progress.stop_requested():
+            raise PredictionStopped()
+        if spec.annotation:
+            annotation, roi = prediction_annotation(spec.annotation, read_image(spec.image).geometry,
+                                                    use_roi=spec.roi, slices=spec.slices)
+        elif spec.slices:
+            raise HSSLError("job key 'slices' needs the 'annotation' it refers to: add the annotation or leave "
+                            "'slices' out")
+        out = run_predict(spec.model, spec.image, spec.prediction_out, spec.device, segments=spec.segments,
+                          overwrite=spec.overwrite, progress=progress, annotation=annotation,
+                          postprocess_mode=spec.postprocess, roi=roi)
+    except PredictionStopped:
+        progress.close()
+        progress.log("stop requested: the prediction was stopped and nothing was written")
+        progress.event("done", stopped=True, prediction=None)
+        return 0
+    progress.event("done", stopped=False, prediction=out["path"])
+    return 0
+
+
+def _run_device(spec: JobSpec, progress: Progress) -> int:
+    from .device import resolve_device
+
+    device = resolve_device(spec.device)
+    detail = device.type
+    if device.type == "cuda":
+        import torch
+
+        detail = f"cuda ({torch.cuda.get_device_name(device)})"
+    progress.event("done", stopped=False, device=device.type, message=detail)
     return 0

@@ -13,7 +13,8 @@ from . import refine as refine_module
 from .device import resolve_device
 from .errors import HSSLError, OutOfMemory
 from .finetune import FinetuneOptions, FinetuneResult, finetune
-from .io import (Labels, Volume, check_output, read_image, read_labels, write_labelmap, write_prediction)
+from .io import (IMAGE_SUFFIXES, Labels, Volume, check_output, read_image, read_labels, write_labelmap,
+                 write_prediction)
 from .model_store import Model, load_model, save_model
 from .predict import predict_array
 from .progress import Eta, Progress
@@ -126,11 +127,12 @@ def default_overlap(roi: tuple[slice, ...] | None) -> float:
     return 0.5 if roi is not None else 0.25
 
 
-def prediction_annotation(labels_path: str, geometry, use_roi: bool = True):
+def prediction_annotation(labels_path: str, geometry, use_roi: bool = True, slices: Sequence[str] | None = None):
     """The sparse annotation of this image as prediction needs it: ``((label values, known mask), roi)``;
-    ``roi`` is None when ``use_roi`` is False or nothing is painted."""
+    ``roi`` is None when ``use_roi`` is False or nothing is painted. ``slices`` lists the annotated
+    slices (background-only ones included) as fine-tuning takes them; default: detected."""
     sparse = read_labels(labels_path, geometry)
-    known = resolve_annotation(sparse.array, geometry.axis_names()).known
+    known = resolve_annotation(sparse.array, geometry.axis_names(), slices).known
     roi = annotation_roi(sparse.array, known, tuple(reversed(geometry.spacing))) if use_roi else None
     return (sparse.array, known), roi
 
@@ -241,7 +243,7 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
                 overwrite: bool = False, progress: Progress | None = None,
                 annotation: tuple[np.ndarray, np.ndarray] | None = None,
                 postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None,
-                precision: str = "auto") -> dict:
+                precision: str = "auto", refine: str | None = None) -> dict:
     """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry
     (``predict_volume`` between reading and writing; see there for ``annotation`` and ``roi``)."""
     progress = progress or Progress()
@@ -253,7 +255,7 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     volume = read_image(image)
     check_memory(image, volume.array.size)
     pred = predict_volume(model, volume, device, overlap, sw_batch_size, bool(probabilities), segments, progress,
-                          annotation, postprocess_mode, roi, precision)
+                          annotation, postprocess_mode, roi, precision, refine)
     write_prediction(out, pred.labels, volume.geometry, pred.label_table, overwrite)
     probs = pred.probs
     if probabilities and probs is not None:
@@ -263,3 +265,31 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     progress.log(f"prediction written to {out} ({pred.seconds:.1f} s on {pred.device})")
     return {"path": str(out), "seconds": pred.seconds, "labels": pred.labels, "geometry": volume.geometry,
             "label_table": pred.label_table}
+
+
+def finetune_and_predict(image: str, labels: str, out: str, opts: FinetuneOptions, progress: Progress,
+                         overwrite: bool = False, prediction_out: str | None = None,
+                         postprocess_mode: str = "annotated-components", **inputs) -> tuple[FinetuneResult, str | None]:
+    """Fine-tune and save the model folder ``out``; with ``prediction_out``, then predict ``image`` with
+    it and the annotation it was trained on (region of interest, post-processing); end with the
+    ``done`` event. What ``hssl finetune`` and the Slicer job run. ``inputs`` go to ``load_inputs``.
+
+    A prediction output is checked before training (exists, writable, known suffix), so a bad path
+    never costs a training run. Returns the training result and the prediction path (or None).
+    """
+    if prediction_out:
+        check_output(prediction_out, overwrite)
+        name = Path(prediction_out).name.lower()
+        if not name.endswith(".seg.nrrd") and not name.endswith(IMAGE_SUFFIXES):
+            raise HSSLError(f"prediction output '{prediction_out}' has an unknown suffix: use .seg.nrrd (Slicer "
+                            "segmentation), .nrrd, .nii.gz or .mha")
+    result = run_finetune(image, labels, out, opts, progress, overwrite=overwrite, **inputs)
+    prediction = None
+    if prediction_out:
+        prediction = run_predict(result.model, image, prediction_out, device=opts.device, overwrite=overwrite,
+                                 progress=progress, annotation=result.annotation, postprocess_mode=postprocess_mode,
+                                 roi=result.roi, precision=opts.precision if opts.amp else "fp32")["path"]
+    progress.event("done", stopped=result.stopped, model=str(out), prediction=prediction,
+                   heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1),
+                   refinement=result.refinement)
+    return result, prediction

@@ -89,3 +89,9 @@ def test_slice_dice_and_choose():
     assert refine.choose(scores) == "network+grow"
     assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}) == "network"  # ties: the earlier one
     assert refine.choose({"network": {}, "grow": {1: 0.1}}) == "grow"
+
+
+def test_the_command_line_offers_every_candidate():
+    from hssl.cli import REFINE_CHOICES
+
+    assert REFINE_CHOICES == refine.CANDIDATES

@@ -1,6 +1,8 @@
 """The real engine in a child process, driven from MRML nodes exactly as the module does it:
-export -> python -m hssl job (3 CPU steps) -> import; apply a model to another volume; a graceful
-stop of a real job; a real engine error surfaced. Needs slicer-core, torch and MONAI."""
+export -> python -m hssl job (3 CPU steps) -> import; Predict with the annotation gives exactly the
+prediction fine-tuning made; apply a model to another volume; a graceful stop of a real job; a
+cancelled prediction (never a failure); the device check; a real engine error surfaced. Needs
+slicer-core, torch and MONAI."""
 import json
 import shutil
 import sys
@@ -58,8 +60,10 @@ def test_finetune_job_round_trip(tmp_path, scene, inputs, jobs):
     events = []
     jobs.onEvent = events.append
     jobs.keepJobFiles = True  # to read the prediction file the engine wrote
-    job = jobs.startFinetune(volume, annotation, steps=3, device="cpu", seed=0, predict=True)
+    job = jobs.startFinetune(volume, annotation, init="scratch", steps=3, device="cpu", seed=0, predict=True)
     assert job.isRunning and jobs.isRunning
+    written = json.loads((job.workDir / "job.json").read_text())
+    assert written["kind"] == "finetune" and written["parent_pid"] == jobs.parentPid and written["init"] == "scratch"
     outcome = jobs.wait(timeoutS=240)
     assert outcome.ok, outcome.errorMessage
     assert outcome.result.device == "cpu" and not outcome.result.stopped
@@ -96,26 +100,44 @@ def test_finetune_job_round_trip(tmp_path, scene, inputs, jobs):
     # the annotation was never modified
     assert mrml_io.segmentationFingerprint(annotation) == before
 
+    # Predict on the annotated volume with its annotation: the very prediction fine-tuning made
+    fineTuned = {name: mrml_io.segmentMask(node, name, volume) for name in ("ball", "bar")}
+    jobs.keepJobFiles = True
+    predictJob = jobs.startPrediction(volume, outcome.model, device="cpu", annotationNode=annotation)
+    spec = json.loads((predictJob.workDir / "job.json").read_text())
+    assert spec["kind"] == "predict" and spec["annotation"].endswith("labels.seg.nrrd") and "slices" not in spec
+    predicted = jobs.wait(timeoutS=120)
+    assert predicted.ok and not predicted.cancelled, predicted.errorMessage
+    _labels, annotationHeader = nrrd.read(str(predictJob.workDir / "labels.seg.nrrd"))
+    assert (annotationHeader["Segment0_Name"], annotationHeader["Segment0_LabelValue"]) == ("ball", "1")
+    shutil.rmtree(predictJob.workDir)
+    jobs.keepJobFiles = False
+    for name, mask in fineTuned.items():
+        np.testing.assert_array_equal(mrml_io.segmentMask(predicted.predictionNode, name, volume), mask)
+    assert mrml_io.segmentationFingerprint(annotation) == before
+
     # apply the model to another volume (a prediction job), keeping one segment
     other = addVolume(scene, np.flip(slicer.util.arrayFromVolume(volume), axis=2), name="other",
                       spacing=(0.9, 0.7, 2.5), origin=(0.0, 0.0, 0.0), flipIJ=False)
     with pytest.raises(ModelError, match="not on spleen"):
         jobs.startPrediction(other, outcome.model, segments=["spleen"], device="cpu")
-    jobs.keepJobFiles = False
-    jobs.startPrediction(other, outcome.model, segments=["ball"], device="cpu")
+    applyJob = jobs.startPrediction(other, outcome.model, segments=["ball"], device="cpu", colorNode=annotation)
+    assert "annotation" not in json.loads((applyJob.workDir / "job.json").read_text())  # the whole volume
     applied = jobs.wait(timeoutS=120)
     assert applied.ok, applied.errorMessage
     assert applied.predictionNode.GetName() == "other prediction"
     assert [name for _sid, name in mrml_io.segmentIdsAndNames(applied.predictionNode)] == ["ball"]
+    sid = applied.predictionNode.GetSegmentation().GetNthSegmentID(0)
+    assert applied.predictionNode.GetSegmentation().GetSegment(sid).GetColor() == pytest.approx((0.9, 0.3, 0.2))
     assert mrml_io.segmentationMatchesVolume(applied.predictionNode, other)[0]
     assert not list(tmp_path.glob("HSSLSegment-*"))
 
 
 def test_graceful_stop_saves_the_model_and_one_job_at_a_time(tmp_path, inputs, jobs):
     volume, annotation = inputs
-    jobs.startFinetune(volume, annotation, timeBudgetS=300, device="cpu", predict=False)
+    jobs.startFinetune(volume, annotation, init="scratch", timeBudgetS=300, device="cpu", predict=False)
     with pytest.raises(JobAlreadyRunningError):
-        jobs.startFinetune(volume, annotation, steps=1, device="cpu")
+        jobs.startFinetune(volume, annotation, init="scratch", steps=1, device="cpu")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         jobs.poll()
@@ -131,12 +153,30 @@ def test_graceful_stop_saves_the_model_and_one_job_at_a_time(tmp_path, inputs, j
     assert outcome.ok and outcome.result.stopped, outcome.errorMessage
     assert time.monotonic() - started < 60
     assert readModelInfo(outcome.model.path).segmentNames == ["ball", "bar"]
-    assert outcome.predictionNode is None
+    assert outcome.predictionNode is None and not outcome.cancelled
+
+    # A prediction cancelled through its stop file ends as cancelled, not failed, and imports nothing.
+    jobs.startPrediction(volume, outcome.model, device="cpu", annotationNode=annotation)
+    jobs.cancel(graceful=True)
+    cancelled = jobs.wait(timeoutS=120)
+    assert cancelled.cancelled and cancelled.result.state is not JobState.FAILED, cancelled.errorMessage
+    assert cancelled.result.exitCode == 0 and cancelled.result.stopped and cancelled.predictionNode is None
+    # Killed at once: cancelled as well, whatever the exit code.
+    jobs.startPrediction(volume, outcome.model, device="cpu")
+    jobs.cancel(graceful=False)
+    killed = jobs.wait(timeoutS=60)
+    assert killed.result.state is JobState.CANCELLED and killed.cancelled
+
+    # The device check is a background job too.
+    jobs.startDeviceCheck("cpu")
+    checked = jobs.wait(timeoutS=120)
+    assert checked.ok and checked.result.device == "cpu" and checked.result.detail == "cpu"
 
 
 def test_engine_error_is_surfaced(tmp_path):
     spec = JobSpec(image=str(tmp_path / "missing.nrrd"), labels=str(tmp_path / "labels.seg.nrrd"),
-                   model_out=str(tmp_path / "model"), steps=1, device="cpu", stop_file=str(tmp_path / "STOP"))
+                   model_out=str(tmp_path / "model"), init="scratch", steps=1, device="cpu",
+                   stop_file=str(tmp_path / "STOP"))
     jobFile = spec.write(tmp_path / "job.json")
     assert json.loads(jobFile.read_text())["steps"] == 1
     job = JobProcess([sys.executable, "-m", "hssl", "job", "--job", str(jobFile)], env=engineEnvironment(),

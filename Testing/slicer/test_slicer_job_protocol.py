@@ -1,69 +1,8 @@
-"""job.json writing/validation and JSON-line parsing (stdlib only, no Slicer needed)."""
-import ast
-import json
-
+"""JSON-line parsing, progress text and exit codes of the job protocol (stdlib only, no Slicer
+needed). job.json itself is the engine's hssl.jobspec: test_slicer_job_spec.py."""
 import pytest
 
-from slicer_test_helpers import MODULE_DIR
-from HSSLSegmentLib.job_protocol import (EventType, ExitCode, JobSpec, JobSpecError, Phase, describeProgress,
-                                         formatDuration, parseLine)
-
-
-def spec(tmp_path, **overrides):
-    fields = dict(image=str(tmp_path / "image.nrrd"), labels=str(tmp_path / "labels.seg.nrrd"),
-                  model_out=str(tmp_path / "model"), stop_file=str(tmp_path / "STOP"))
-    fields.update(overrides)
-    return JobSpec(**fields)
-
-
-def test_job_file_round_trip_leaves_out_unset_fields(tmp_path):
-    job = spec(tmp_path, segments=["tumour", "liver"], slices=["axial:12", "coronal:40"], steps=3, device="cpu",
-               prediction_out=str(tmp_path / "prediction.seg.nrrd"), init="bundled:default")
-    path = job.write(tmp_path / "job.json")
-    data = json.loads(path.read_text())
-    assert data["segments"] == ["tumour", "liver"] and data["steps"] == 3
-    assert "time_budget" not in data  # None fields are not written
-    assert JobSpec.read(path) == job
-
-
-@pytest.mark.parametrize("overrides, words", [
-    (dict(image="relative/image.nrrd"), "absolute"),
-    (dict(device="gpu"), "device"),
-    (dict(steps=0), "steps"),
-    (dict(steps=True), "steps"),
-    (dict(time_budget=-5), "time_budget"),
-    (dict(init="my_model"), "init"),
-    (dict(segments=["a", "a"]), "twice"),
-    (dict(slices=["axial12"]), "axial:12"),
-    (dict(labels=None), "labels"),
-    (dict(prediction_out="/tmp/out.png"), "prediction_out"),
-])
-def test_invalid_jobs_are_refused_with_the_field_named(tmp_path, overrides, words):
-    with pytest.raises(JobSpecError, match=words):
-        spec(tmp_path, **overrides).write(tmp_path / "job.json")
-    assert not (tmp_path / "job.json").exists()
-
-
-def test_unknown_key_is_named(tmp_path):
-    data = spec(tmp_path).toDict()
-    data["learning_rate"] = 0.1
-    with pytest.raises(JobSpecError, match="learning_rate"):
-        JobSpec.fromDict(data)
-
-
-def test_job_keys_are_the_engines(tmp_path):
-    """Every key we may write is one the engine's job reader accepts, and we write all it requires."""
-    tree = ast.parse((MODULE_DIR / "hssl" / "job.py").read_text())
-    values = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            values[node.targets[0].id] = node.value
-    engineKeys = ast.literal_eval(values["KEYS"])
-    required = ast.literal_eval(values["REQUIRED"])
-    ours = set(JobSpec.__dataclass_fields__)
-    assert ours <= engineKeys, ours - engineKeys
-    written = set(spec(tmp_path).toDict())
-    assert required <= written
+from HSSLSegmentLib.job_protocol import EventType, ExitCode, Phase, describeProgress, formatDuration, parseLine
 
 
 def test_progress_parsing_tolerates_interleaved_lines():

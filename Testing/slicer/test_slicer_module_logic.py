@@ -4,18 +4,24 @@ The MRML scene, the nodes, slicer.util and the engine are real (slicer-core whee
 ``python -m hssl job`` in a child process). What the Slicer application adds is replaced by small
 stand-ins: ``qt``/``ctk`` (never used by the Logic), the ScriptedLoadableModule base classes,
 ``slicer.app`` and the parameterNodeWrapper (a plain attribute store that also checks each
-default against its Choice/WithinRange annotation). The Widget is not exercised here.
+default against its Choice/WithinRange annotation). The Widget and the self-test's GUI smoke test
+need the Slicer application and are not exercised here.
 """
+import contextlib
 import importlib.util
+import json
 import os
 import pathlib
+import shutil
 import sys
 import types
 import unittest
 
+import numpy as np
 import pytest
+import vtk
 
-from slicer_test_helpers import MODULE_DIR, engineAvailable, slicerCore
+from slicer_test_helpers import MODULE_DIR, addAnnotation, addVolume, ballVolume, engineAvailable, slicerCore, sparse
 
 slicer = slicerCore()
 
@@ -116,6 +122,12 @@ class _App:
     def processEvents(self):
         pass
 
+    # slicer.app.testingEnabled(): the module skips interactive offers while tests run
+    testingEnabled = staticmethod(lambda: True)
+
+    def connect(self, signal, slot):
+        self.connections = getattr(self, "connections", []) + [(signal, slot)]
+
 
 @pytest.fixture
 def moduleFile(tmp_path, monkeypatch, scene):
@@ -145,13 +157,22 @@ def moduleFile(tmp_path, monkeypatch, scene):
 
 
 def test_logic_defaults_and_parameter_node(moduleFile, tmp_path):
+    from hssl.recipe import DEFAULT_TIME_BUDGET_S
+
     logic = moduleFile.HSSLSegmentLogic()
     parameters = logic.getParameterNode()
-    assert parameters.modelSource == "From scratch" and parameters.device == "auto" and parameters.timeBudgetS == 120
-    assert parameters.selectedSegments == [] and moduleFile._modelPathOrNone(parameters.currentModelPath) is None
+    # The default start is the engine's ("init": "auto"): the shipped default pretrained model.
+    shipsDefault = (MODULE_DIR / "Resources" / "Models" / "default" / "model.json").is_file()
+    assert parameters.modelSource == ("Pretrained (bundled)" if shipsDefault else "From scratch")
+    assert parameters.device == "auto" and parameters.timeBudgetS == DEFAULT_TIME_BUDGET_S == 150
+    assert parameters.currentModelPath == "" and moduleFile._modelPathOrNone(parameters.currentModelPath) is None
+    assert moduleFile._modelPathOrNone(".") is None  # what a scene saved with a pathlib.Path field holds
+    assert parameters.selectedSegments == []
     assert logic.jobs.engineDir == MODULE_DIR
+    assert logic.jobs.parentPid == os.getpid()
     assert logic.registry.savedDir == tmp_path / "settings" / "HSSLSegment" / "Models"
-    assert logic.pythonExecutable() == sys.executable  # no PythonSlicer here
+    assert logic.registry.bundledDir == MODULE_DIR / "Resources" / "Models"
+    assert logic.pythonExecutable() == sys.executable  # no PythonSlicer here: a plain Python runs the tests
     assert logic.initForSource("From scratch", None) == "scratch"
     assert logic.initForSource("Current model", "/models/a") == "/models/a"
     with pytest.raises(moduleFile.ModelError, match="No current model"):
@@ -178,3 +199,153 @@ def test_in_slicer_self_test_finetunes_a_tiny_volume(moduleFile):
     assert _ScriptedLoadableModuleTest.messages[-1] == "Self-test passed"
     prediction = slicer.mrmlScene.GetFirstNodeByName("tiny prediction")
     assert prediction is not None and prediction.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_without_pythonslicer_inside_slicer_the_start_is_a_clear_error(moduleFile, monkeypatch, scene):
+    """Inside Slicer sys.executable is the application (SlicerApp-real), not a Python: when
+    PythonSlicer cannot be found, nothing is started with it and the error says what to do."""
+    monkeypatch.setattr(sys, "executable", "/opt/Slicer/bin/SlicerApp-real")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    logic = moduleFile.HSSLSegmentLogic()
+    assert logic.pythonExecutable() is None
+    image, ball = ballVolume((12, 16, 16))
+    volume = addVolume(scene, image)
+    annotation = addAnnotation(scene, volume, {"ball": sparse(ball, 0, [4, 6])})
+    with pytest.raises(RuntimeError, match="PythonSlicer.*reinstall Slicer"):
+        logic.finetune(volume, annotation, steps=1, device="cpu", waitForCompletion=False)
+    assert not logic.isJobRunning()
+
+
+def test_edit_annotation_points_the_segment_editor_at_the_volume(moduleFile, scene):
+    logic = moduleFile.HSSLSegmentLogic()
+    image, _ball = ballVolume((12, 16, 16))
+    volume = addVolume(scene, image, name="brain")
+    segmentation, added = logic.prepareAnnotationEditing(volume, None)
+    assert added and segmentation.GetName() == "brain annotation"
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    editor = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    assert editor.GetSegmentationNode() is segmentation and editor.GetSourceVolumeNode() is volume
+    assert editor.GetSelectedSegmentID() == segmentation.GetSegmentation().GetNthSegmentID(0)
+    # an annotation with segments is used as it is: nothing added, nothing changed
+    from HSSLSegmentLib import mrml_io
+
+    before = mrml_io.segmentationFingerprint(segmentation)
+    again, added = logic.prepareAnnotationEditing(volume, segmentation)
+    assert again is segmentation and not added and mrml_io.segmentationFingerprint(segmentation) == before
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == 1
+
+
+def setSliceAxes(sliceNode, xAxis, yAxis, normal):
+    sliceToRas = sliceNode.GetSliceToRAS()
+    for column, vector in enumerate((xAxis, yAxis, normal)):
+        for row in range(3):
+            sliceToRas.SetElement(row, column, float(vector[row]))
+    sliceNode.UpdateMatrices()
+
+
+def test_background_slice_from_the_slice_view(moduleFile, scene):
+    """The slice a view shows becomes 'axial:N' (Slicer's own slice-index rule); a rotated view
+    and a plane outside the volume are one-line errors; a painted slice gets a note."""
+    from HSSLSegmentLib import editing
+
+    logic = moduleFile.HSSLSegmentLogic()
+    image, ball = ballVolume((16, 24, 28))
+    volume = addVolume(scene, image)  # spacing (0.8, 0.7, 2.0), i/j along L/P
+    annotation = addAnnotation(scene, volume, {"ball": sparse(ball, 0, [7])})
+    sliceNode = slicer.vtkMRMLSliceNode()
+    sliceNode.SetLayoutName("Red")
+    sliceNode.SetSingletonTag("Red")
+    scene.AddNode(sliceNode)
+    sliceLogic = slicer.vtkMRMLSliceLogic()
+    sliceLogic.SetMRMLScene(scene)
+    sliceLogic.SetSliceNode(sliceNode)
+    origin = volume.GetOrigin()[2]
+    sliceLogic.SetSliceOffset(origin + 3 * 2.0)
+    name, note = logic.backgroundSliceInView(volume, sliceLogic, "Red", annotation)
+    assert (name, note) == ("axial:3", None)
+    sliceLogic.SetSliceOffset(origin + 7 * 2.0)
+    name, note = logic.backgroundSliceInView(volume, sliceLogic, "Red", annotation)
+    assert name == "axial:7" and "holds painted voxels" in note
+    assert editing.addSlice("axial:3", "axial:7") == "axial:3, axial:7"
+    assert editing.addSlice("axial:3, axial:7", "axial:7") == "axial:3, axial:7"
+    sliceLogic.SetSliceOffset(origin + 100 * 2.0)
+    with pytest.raises(moduleFile.mrml_io.InputError, match="The Red view shows a plane outside"):
+        logic.backgroundSliceInView(volume, sliceLogic, "Red")
+    # (slicer-core registers no orientation presets: the views' axes are set directly)
+    setSliceAxes(sliceNode, (0, -1, 0), (0, 0, 1), (1, 0, 0))  # a sagittal view: normal along R
+    sliceLogic.SetSliceOffset(volume.GetOrigin()[0] - 5 * 0.8)  # i runs towards L (-x in RAS)
+    assert logic.backgroundSliceInView(volume, sliceLogic, "Red")[0] == "sagittal:5"
+    tilt = np.radians(20.0)  # the view's normal tilted 20 degrees away from the S axis
+    setSliceAxes(sliceNode, (1, 0, 0), (0, np.cos(tilt), np.sin(tilt)), (0, -np.sin(tilt), np.cos(tilt)))
+    with pytest.raises(moduleFile.mrml_io.InputError, match="rotated against the voxel axes"):
+        logic.backgroundSliceInView(volume, sliceLogic, "Red")
+
+
+def sampleCacheOrSkip():
+    from hssl import data
+
+    folder = data.data_dir() / "pyradiomics"
+    if not (folder / "brain1_image.nrrd").is_file() or not (folder / "brain1_label.nrrd").is_file():
+        pytest.skip("the sample scans are not cached (hssl data fetch)")
+    return folder
+
+
+def test_sample_data_registration_and_the_tutorial_case_offline(moduleFile, monkeypatch, scene):
+    """The engine's sample scans in the Sample Data module: one entry per case, loading from the
+    cache without any download, brain1 with the tutorial's three painted slices."""
+    from HSSLSegmentLib import mrml_io, sample_data
+
+    folder = sampleCacheOrSkip()
+    registered = []
+    fakeSampleData = types.ModuleType("SampleData")
+    fakeSampleData.SampleDataLogic = types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **kwargs: registered.append(kwargs))
+    monkeypatch.setitem(sys.modules, "SampleData", fakeSampleData)
+    moduleFile.registerSampleData()
+    assert [r["category"] for r in registered] == ["HSSLSegment"] * len(sample_data.cases())
+    assert sample_data.cases() == ["brain1", "brain2", "breast1", "lung1", "lung2"]
+    tutorial = next(r for r in registered if r["sampleName"].startswith("brain1"))
+    assert "3 painted slices" in tutorial["sampleName"] and tutorial["uris"] == [] and tutorial["fileNames"] == []
+    assert os.path.isfile(tutorial["thumbnailFileName"])
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: shown.append(kwargs))
+    monkeypatch.setattr(moduleFile.HSSLSegmentLogic, "checkPython", staticmethod(lambda: pytest.fail("fetched")))
+    loaded = tutorial["customDownloader"](None)  # what the Sample Data button calls
+    assert shown and shown[0]["background"] is loaded.volumeNode
+    assert loaded.annotated and loaded.volumeNode.GetName() == "brain1_image"
+    annotation = loaded.segmentationNode
+    assert annotation.GetName() == "brain1 annotation"
+    assert [name for _sid, name in mrml_io.segmentIdsAndNames(annotation)] == ["tumour"]
+    assert scene.GetFirstNodeByName("brain1 reference") is None  # the full reference is not left behind
+    assert mrml_io.detectSlices(loaded.volumeNode, annotation) == ["axial:8", "axial:10", "axial:12"]
+    # the slices are the tutorial's rule: second, middle and second-last tumour slice as Slicer loads it
+    reference = mrml_io.loadSegmentationFile(scene, folder / "brain1_label.nrrd", loaded.volumeNode, names={1: "t"})
+    full = mrml_io.segmentMask(reference, "t", loaded.volumeNode)
+    tumourSlices = list(np.nonzero(full.any(axis=(1, 2)))[0])
+    chosen = [ref.index for ref in sample_data.TUTORIAL_SLICES]
+    assert chosen == [tumourSlices[1], tumourSlices[len(tumourSlices) // 2], tumourSlices[-2]]
+    painted = mrml_io.segmentMask(annotation, "tumour", loaded.volumeNode)
+    assert np.array_equal(painted[chosen], full[chosen]) and painted.sum() == full[chosen].sum()
+    other = sample_data.loadCase(scene, "brain2")
+    assert not other.annotated and other.segmentationNode.GetName() == "brain2 reference"
+    with pytest.raises(mrml_io.InputError, match="not a sample case"):
+        sample_data.loadCase(scene, "liver9")
+
+
+def test_recovered_models_are_offered_once_loaded(moduleFile, tmp_path):
+    logic = moduleFile.HSSLSegmentLogic()
+    folder = logic.registry.savedDir / "CT-20260101-120000"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "model.json").write_text(json.dumps({
+        "format": "hssl-model/1", "labels": [{"name": "liver", "value": 1, "color": [1, 0, 0]}],
+        "created": "2026-01-01T12:10:00", "training": {"steps": 40, "stopped": True, "stop_reason": "parent-exited"}}))
+    (recovered,) = logic.recoverableModels()
+    assert recovered.path == folder and recovered.segmentNames == ["liver"]
+    info = logic.acceptRecoveredModel(recovered)
+    assert info.loadedInSlicer and logic.recoverableModels() == []
+    assert [m.name for m in logic.savedModels()] == ["CT-20260101-120000"]
+    logic.deleteModel(info)
+    assert logic.savedModels() == [] and not folder.exists()
