@@ -24,8 +24,8 @@ from slicer.util import VTKObservationMixin
 from slicer import (vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
 
 from HSSLSegmentLib import dependencies, editing, mrml_io, sample_data
-from HSSLSegmentLib.job_protocol import (DEFAULT_TIME_BUDGET_S, DEVICES, EventType, Phase, describeProgress,
-                                         formatDuration)
+from HSSLSegmentLib.job_protocol import (DEFAULT_TIME_BUDGET_S, DEVICES, EventType, Phase, describeFinalStep,
+                                         describeProgress, formatDuration)
 from HSSLSegmentLib.model_registry import (DEFAULT_BUNDLED, ModelError, ModelRegistry, autoStartsPretrained,
                                            bundledModelChoices, bundledModelsDir, formatSize, readModelCard,
                                            readModelInfo)
@@ -761,6 +761,11 @@ class HSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.appendLog("error: " + (event.message or ""))
         elif event.type is EventType.SAVED:
             self.appendLog(_("Model saved: ") + str(event.model))
+        elif event.type is EventType.FINAL_STEP:
+            lines = describeFinalStep(event)
+            for line in lines:
+                self.appendLog(line)
+            self.ui.statusLabel.text = " ".join(lines)
 
     def onJobFinished(self, outcome: JobOutcome) -> None:
         self._pollTimer.stop()

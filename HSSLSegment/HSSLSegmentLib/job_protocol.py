@@ -57,6 +57,7 @@ class EventType(str, enum.Enum):
     PREDICTION = "prediction"
     DONE = "done"
     ERROR = "error"
+    FINAL_STEP = "final_step"  # which final step (network, network+grow, grow) won on the held-out slice
     LOG = "log"  # a non-JSON line (stdout or stderr); not sent by the engine as JSON
 
 
@@ -183,6 +184,25 @@ def formatDuration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def describeFinalStep(event: JobEvent) -> list[str]:
+    """Log lines for a ``final_step`` event: the choice with every candidate's mean held-out Dice, then
+    one warning naming the segments that stay poorly learned, e.g.
+    ``Final step: network+grow (held-out Dice: network 0.41, network+grow 0.62, grow 0.55)``."""
+    data = event.raw or {}
+    scores = data.get("heldout_dice") if isinstance(data.get("heldout_dice"), dict) else {}
+    parts = []
+    for name, per in scores.items():
+        values = [v for v in per.values() if isinstance(v, (int, float))] if isinstance(per, dict) else []
+        if values:
+            parts.append(f"{name} {sum(values) / len(values):.2f}")
+    lines = [f"Final step: {data.get('chosen', '?')}" + (f" (held-out Dice: {', '.join(parts)})" if parts else "")]
+    poor = data.get("poor_segments")
+    if isinstance(poor, list) and poor:
+        lines.append(f"Poorly learned on the held-out slice: {', '.join(map(str, poor))}. Paint them on more "
+                     "slices (or in another orientation) and fine-tune again.")
+    return lines
 
 
 def describeProgress(event: JobEvent) -> str:

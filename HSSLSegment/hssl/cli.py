@@ -14,7 +14,7 @@ from . import __version__
 from .errors import HSSLError
 from .recipe import DEFAULT_RECIPE, DEFAULT_TIME_BUDGET_S, time_budget_or_default
 
-REFINE_CHOICES = ("network", "network+grow", "grow")  # hssl.refine.CANDIDATES, without importing numpy here
+FINAL_STEPS = ("network", "network+grow", "grow")  # hssl.refine.CANDIDATES, without importing numpy here
 
 log = logging.getLogger("hssl")
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-holdout", action="store_true", help="do not hold out a slice for the Dice estimate")
     p.add_argument("--no-roi", action="store_true",
                    help="train and predict on the whole volume, not only around the painted structures")
-    p.add_argument("--refine", default="auto", choices=["auto", *REFINE_CHOICES],
+    p.add_argument("--final-step", default="auto", choices=["auto", *FINAL_STEPS],
                    help="the final step with an annotation: auto (chosen on the held-out slice) | network | "
                         "network+grow (the network's sure voxels grown on the intensities) | grow (intensities only)")
     _precision_args(p)
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"])
     p.add_argument("--no-roi", action="store_true", help="with --annotation: predict the whole volume, not only "
                                                          "the region around the painted structures")
-    p.add_argument("--refine", default=None, choices=list(REFINE_CHOICES),
+    p.add_argument("--final-step", default=None, choices=list(FINAL_STEPS),
                    help="with --annotation: the final step (default: the one the model chose when it was fine-tuned)")
     p.add_argument("--progress-json", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -154,7 +154,7 @@ def cmd_finetune(a) -> int:
     opts = FinetuneOptions(steps=a.steps, time_budget=time_budget_or_default(a.time_budget, a.steps),
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
                            precision="fp32" if a.no_amp else a.precision, init=a.init, modality=a.modality,
-                           patch_size=_patch(a.patch_size), stop_file=a.stop_file, roi=not a.no_roi, refine=a.refine)
+                           patch_size=_patch(a.patch_size), stop_file=a.stop_file, roi=not a.no_roi, final_step=a.final_step)
     opts.validate()
     finetune_and_predict(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, prediction_out=a.predict,
                          postprocess_mode=a.postprocess, names=a.names, segments=_csv(a.segments), slices=a.slices,
@@ -178,7 +178,7 @@ def cmd_predict(a) -> int:
         annotation, roi = prediction_annotation(a.annotation, read_image(a.image).geometry, use_roi=not a.no_roi)
     out = run_predict(a.model, a.image, a.out, a.device, a.overlap, a.sw_batch_size, a.probabilities,
                       _csv(a.segments), a.overwrite, progress, annotation, a.postprocess, roi,
-                      "fp32" if a.no_amp else a.precision, a.refine)
+                      "fp32" if a.no_amp else a.precision, a.final_step)
     progress.event("done", stopped=False, prediction=out["path"])
     return 0
 

@@ -54,7 +54,7 @@ class FinetuneOptions:
     fg_fraction: float | None = None  # default: the recipe's
     stop_file: str | None = None
     roi: bool = True  # train and predict around the painted structures (sparse.annotation_roi)
-    refine: str = "auto"  # auto (chosen on the held-out slice) or one of hssl.refine.CANDIDATES
+    final_step: str = "auto"  # auto (chosen on the held-out slice) or one of hssl.refine.CANDIDATES
     recipe: FinetuneRecipe = DEFAULT_RECIPE
 
     def validate(self) -> None:
@@ -64,8 +64,9 @@ class FinetuneOptions:
             raise HSSLError(f"--steps must be at least 1 (got {self.steps})")
         if self.time_budget is not None and self.time_budget <= 0:
             raise HSSLError(f"--time-budget must be positive seconds (got {self.time_budget})")
-        if self.refine != "auto" and self.refine not in refine.CANDIDATES:
-            raise HSSLError(f"--refine must be auto or one of {', '.join(refine.CANDIDATES)} (got {self.refine!r})")
+        if self.final_step != "auto" and self.final_step not in refine.CANDIDATES:
+            raise HSSLError(f"--final-step must be auto or one of {', '.join(refine.CANDIDATES)} "
+                            f"(got {self.final_step!r})")
         if self.batch_size is not None and self.batch_size < 1:
             raise HSSLError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
@@ -81,7 +82,7 @@ class FinetuneResult:
     log: list[dict]
     annotation: tuple[np.ndarray, np.ndarray] | None = None  # (label values, known mask) trained on
     roi: tuple[slice, ...] | None = None  # [z, y, x] region trained on; prediction is limited to it
-    refinement: dict | None = None  # the final-segmentation candidate chosen and the held-out scores
+    final_step: dict | None = None  # the final-step candidate chosen and the held-out scores (hssl.refine)
 
 
 class StopRequest:
@@ -264,11 +265,11 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
-                    if opts.refine == "auto":
-                        selection = _select_refinement(net, image, target, annotation, holdout, holdout_region, roi,
+                    if opts.final_step == "auto":
+                        selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, roi,
                                                        table, normalization, device, precision, recipe)
-                        progress.event("refinement", **_refinement_event(selection, table))
-                        progress.log(_refinement_note(selection, table))
+                        progress.event("final_step", **_final_step_event(selection, table))
+                        progress.log(_final_step_note(selection, table))
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
@@ -319,7 +320,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
             "roi_zyx": [[r.start, r.stop] for r in roi] if roi is not None else None,
-            "refinement": _refinement_record(selection, opts, table),
+            "final_step": _final_step_record(selection, opts, table),
             "log": history[:: max(1, len(history) // 200)],
         }
     }
@@ -327,7 +328,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     kept = np.isin(labels.array, [lab.value for lab in table])
     return FinetuneResult(model, stopped, step, seconds, holdout.name(names) if holdout else None,
                           heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known), roi,
-                          meta["training"]["refinement"])
+                          meta["training"]["final_step"])
 
 
 def _fraction(step: int, elapsed: float, opts: FinetuneOptions) -> float:
@@ -410,7 +411,7 @@ def _box_around(mask: np.ndarray, patch) -> np.ndarray:
     return box
 
 
-def _select_refinement(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
+def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
                        holdout_region: np.ndarray, roi, table: list[LabelInfo], normalization: Normalization,
                        device: torch.device, precision: str, recipe: FinetuneRecipe) -> dict:
     """Score every final-segmentation candidate on the held-out slice, with the network as trained
@@ -442,23 +443,35 @@ def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, 
     return {table[c - 1].name: round(v, 4) for c, v in sorted(scores.items())}
 
 
-def _refinement_event(selection: dict, table: list[LabelInfo]) -> dict:
-    return {"chosen": selection["chosen"], "seconds": round(selection["seconds"], 2),
-            "heldout_dice": {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}}
+def _final_step_event(selection: dict, table: list[LabelInfo], poor: float = DEFAULT_RECIPE.poor_heldout_dice) -> dict:
+    """The ``final_step`` progress event: the choice, each candidate's held-out Dice per segment, and
+    the segments whose chosen result stays below ``poor`` on the held-out slice."""
+    per = {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}
+    chosen = per.get(selection["chosen"], {})
+    painted_on_holdout = [lab.name for lab in table if lab.name in chosen]
+    return {"chosen": selection["chosen"], "seconds": round(selection["seconds"], 2), "heldout_dice": per,
+            "poor_segments": [name for name in painted_on_holdout if chosen[name] < poor]}
 
 
-def _refinement_note(selection: dict, table: list[LabelInfo]) -> str:
+def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:
     parts = []
     for name, sc in selection["scores"].items():
         mean = np.mean(list(sc.values())) if sc else float("nan")
         parts.append(f"{name} {mean:.3f}")
-    return f"held-out slice Dice by final step: {', '.join(parts)}; using {selection['chosen']}"
+    event = _final_step_event(selection, table)
+    note = f"held-out slice Dice by final step: {', '.join(parts)}; using {selection['chosen']}"
+    if event["poor_segments"]:
+        scores = event["heldout_dice"][selection["chosen"]]
+        worst = ", ".join(f"{name} {scores[name]:.2f}" for name in event["poor_segments"])
+        note += (f"\nwarning: poorly learned on the held-out slice ({worst}): paint these segments on more slices "
+                 "(or in another orientation) and fine-tune again")
+    return note
 
 
-def _refinement_record(selection: dict | None, opts: FinetuneOptions, table: list[LabelInfo]) -> dict:
+def _final_step_record(selection: dict | None, opts: FinetuneOptions, table: list[LabelInfo]) -> dict:
     """What model.json says about the final segmentation step (read back by prediction)."""
-    if opts.refine != "auto":
-        return {"chosen": opts.refine, "by": "option"}
+    if opts.final_step != "auto":
+        return {"chosen": opts.final_step, "by": "option"}
     if selection is None:
-        return {"chosen": opts.recipe.refinement, "by": "default (no held-out slice)"}
-    return {**_refinement_event(selection, table), "by": "held-out slice"}
+        return {"chosen": opts.recipe.final_step, "by": "default (no held-out slice)"}
+    return {**_final_step_event(selection, table), "by": "held-out slice"}

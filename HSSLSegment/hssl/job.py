@@ -64,7 +64,8 @@ def _run_finetune(spec: JobSpec, progress: Progress) -> int:
 
     opts = FinetuneOptions(steps=spec.steps, time_budget=spec.time_budget_s(), device=spec.device, seed=spec.seed,
                            init=spec.init, stop_file=spec.stop_file, modality=spec.modality,
-                           batch_size=spec.batch_size, roi=spec.roi)
+                           batch_size=spec.batch_size, roi=spec.roi, precision=spec.precision,
+                           final_step=spec.final_step or "auto")
     opts.validate()
     progress.update("prepare", 0, 1, device=opts.device)
     finetune_and_predict(spec.image, spec.labels, spec.model_out, opts, progress, overwrite=spec.overwrite,
@@ -90,7 +91,8 @@ def _run_predict(spec: JobSpec, progress: _StoppableProgress) -> int:
                             "'slices' out")
         out = run_predict(spec.model, spec.image, spec.prediction_out, spec.device, segments=spec.segments,
                           overwrite=spec.overwrite, progress=progress, annotation=annotation,
-                          postprocess_mode=spec.postprocess, roi=roi)
+                          postprocess_mode=spec.postprocess, roi=roi, precision=spec.precision,
+                          final_step=None if spec.final_step in (None, "auto") else spec.final_step)
     except PredictionStopped:
         progress.close()
         progress.log("stop requested: the prediction was stopped and nothing was written")

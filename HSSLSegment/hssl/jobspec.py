@@ -31,6 +31,8 @@ KINDS = ("finetune", "predict", "device")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODALITIES = ("auto", "ct", "mr")
 POSTPROCESS = ("annotated-components", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FINAL_STEPS = ("network", "network+grow", "grow")  # hssl.refine.CANDIDATES (a test keeps them equal)
 
 _TRAIN = ("finetune",)
 _IMAGE = ("finetune", "predict")
@@ -100,6 +102,12 @@ class JobSpec:
     postprocess: str = _key("`annotated-components` keeps only the predicted components that touch a voxel "
                             "painted with that segment; `none` keeps everything", _IMAGE, "string",
                             "annotated-components", choices=POSTPROCESS)
+    precision: str = _key("arithmetic: `auto` (bfloat16 on GPUs and CPUs that compute it natively, else float32), "
+                          "`fp32`, `bf16` or `fp16` (CUDA only)", _IMAGE, "string", "auto", choices=PRECISIONS)
+    final_step: str | None = _key(
+        "the final step with an annotation: `network`, `network+grow` (the network's sure voxels grown on the "
+        "intensities) or `grow` (intensities only); `finetune` default `auto` = chosen on the held-out slice, "
+        "`predict` default = the model's own choice", _IMAGE, "string", choices=("auto", *FINAL_STEPS))
     stop_file: str | None = _key("once this file exists the job stops gracefully: training saves its model, a "
                                  "prediction writes nothing; both end with exit code 0", _IMAGE, "path")
     overwrite: bool = _key("replace existing outputs", _IMAGE, "boolean", False)

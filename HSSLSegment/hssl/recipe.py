@@ -38,8 +38,9 @@ class FinetuneRecipe:
     gpu_patch_voxels: int = GPU_PATCH_VOXELS
     # The final segmentation (hssl.refine): chosen per scan on the held-out slice when there is one,
     # else this candidate; network voxels this sure of their class seed the intensity refinement.
-    refinement: str = "network"
+    final_step: str = "network"
     refine_confidence: float = 0.9
+    poor_heldout_dice: float = 0.5  # below this on the held-out slice a segment is reported as poorly learned
 
     def patch_voxels(self, device_type: str) -> int:
         return self.cpu_patch_voxels if device_type == "cpu" else self.gpu_patch_voxels

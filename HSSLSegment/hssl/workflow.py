@@ -141,12 +141,12 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                    sw_batch_size: int = 4, probabilities: bool = False, segments: Sequence[str] | None = None,
                    progress: Progress | None = None, annotation: tuple[np.ndarray, np.ndarray] | None = None,
                    postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None,
-                   precision: str = "auto", refine: str | None = None) -> Prediction:
+                   precision: str = "auto", final_step: str | None = None) -> Prediction:
     """The product's prediction of a loaded ``volume``: normalise, sliding-window inference (in ``roi``
     when given), map classes to label values, then with ``annotation`` = (label values, known mask)
     of this image: the output equals the annotation on annotated voxels and, with
     ``postprocess_mode='annotated-components'``, keeps only the components touching painted voxels
-    (see ``postprocess``). With an annotation the final step is ``refine`` (default: the one the
+    (see ``postprocess``). With an annotation the final step is ``final_step`` (default: the one the
     model chose on its held-out slice, ``hssl.refine``); without one it is the network alone.
     On GPU out-of-memory it retries one window at a time, then on the CPU."""
     progress = progress or Progress()
@@ -162,7 +162,7 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     if annotation is not None and annotation[0].shape != volume.array.shape:
         raise HSSLError(f"the annotation has shape {annotation[0].shape} but the image {volume.array.shape}: give "
                         "the annotation of this image")
-    final = model_refinement(model) if refine is None else refine
+    final = model_final_step(model) if final_step is None else final_step
     if final not in refine_module.CANDIDATES:
         raise HSSLError(f"unknown final step '{final}': choose one of {', '.join(refine_module.CANDIDATES)}")
     if annotation is None:
@@ -209,9 +209,9 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     return Prediction(labels, probs, chosen, dev.type, eta.elapsed(), final)
 
 
-def model_refinement(model: Model) -> str:
+def model_final_step(model: Model) -> str:
     """The final step a model chose when it was fine-tuned (``network`` for models without a record)."""
-    record = (model.meta.get("training") or {}).get("refinement") or {}
+    record = (model.meta.get("training") or {}).get("final_step") or {}
     return record.get("chosen", "network") if isinstance(record, dict) else "network"
 
 
@@ -243,7 +243,7 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
                 overwrite: bool = False, progress: Progress | None = None,
                 annotation: tuple[np.ndarray, np.ndarray] | None = None,
                 postprocess_mode: str = "annotated-components", roi: tuple[slice, ...] | None = None,
-                precision: str = "auto", refine: str | None = None) -> dict:
+                precision: str = "auto", final_step: str | None = None) -> dict:
     """Predict ``image`` with a model (folder or loaded) and write ``out`` in the image's geometry
     (``predict_volume`` between reading and writing; see there for ``annotation`` and ``roi``)."""
     progress = progress or Progress()
@@ -255,7 +255,7 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     volume = read_image(image)
     check_memory(image, volume.array.size)
     pred = predict_volume(model, volume, device, overlap, sw_batch_size, bool(probabilities), segments, progress,
-                          annotation, postprocess_mode, roi, precision, refine)
+                          annotation, postprocess_mode, roi, precision, final_step)
     write_prediction(out, pred.labels, volume.geometry, pred.label_table, overwrite)
     probs = pred.probs
     if probabilities and probs is not None:
@@ -291,5 +291,5 @@ def finetune_and_predict(image: str, labels: str, out: str, opts: FinetuneOption
                                  roi=result.roi, precision=opts.precision if opts.amp else "fp32")["path"]
     progress.event("done", stopped=result.stopped, model=str(out), prediction=prediction,
                    heldout_dice=result.heldout_dice, steps=result.steps, seconds=round(result.seconds, 1),
-                   refinement=result.refinement)
+                   final_step=result.final_step)
     return result, prediction

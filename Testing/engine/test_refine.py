@@ -92,6 +92,7 @@ def test_slice_dice_and_choose():
 
 
 def test_the_command_line_offers_every_candidate():
-    from hssl.cli import REFINE_CHOICES
+    from hssl.cli import FINAL_STEPS
+    from hssl.jobspec import FINAL_STEPS as JOB_FINAL_STEPS
 
-    assert REFINE_CHOICES == refine.CANDIDATES
+    assert FINAL_STEPS == refine.CANDIDATES == JOB_FINAL_STEPS

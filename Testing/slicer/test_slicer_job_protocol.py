@@ -44,3 +44,17 @@ def test_human_progress_text_and_exit_codes():
     assert formatDuration(3700) == "1:01:40" and formatDuration(None) == "?"
     assert ExitCode.describe(2) == "input error" and ExitCode.describe(3) == "out of memory"
     assert ExitCode.describe(-9) == "killed by signal 9" and ExitCode.describe(7) == "exit code 7"
+
+
+def test_final_step_event_is_parsed_and_described_with_its_warning():
+    from HSSLSegmentLib.job_protocol import EventType, describeFinalStep, parseLine
+
+    line = ('{"event": "final_step", "chosen": "network+grow", "seconds": 3.2, "heldout_dice": '
+            '{"network": {"caudate": 0.4, "putamen": 0.6}, "network+grow": {"caudate": 0.7, "putamen": 0.8}, '
+            '"grow": {"caudate": 0.5}}, "poor_segments": ["pallidum"]}')
+    event = parseLine(line)
+    assert event.type is EventType.FINAL_STEP
+    lines = describeFinalStep(event)
+    assert lines[0] == "Final step: network+grow (held-out Dice: network 0.50, network+grow 0.75, grow 0.50)"
+    assert "pallidum" in lines[1] and len(lines) == 2
+    assert describeFinalStep(parseLine('{"event": "final_step", "chosen": "network"}')) == ["Final step: network"]
