@@ -280,6 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - only a full disk is turned into a line; the rest is a bug
+        from .io import disk_full_message
+
+        message = disk_full_message(err)
+        if message is None:
+            raise
+        if a._progress is not None:
+            a._progress.event("error", message=message)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

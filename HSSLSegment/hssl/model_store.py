@@ -10,8 +10,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,12 +17,11 @@ import torch
 
 from . import __version__
 from .errors import HSSLError
-from .io import LabelInfo
+from .io import LabelInfo, atomic_folder
 from .model_format import FORMAT, META, WEIGHTS, ModelFormatError, read_meta
 from .network import SegNet
 from .normalize import Normalization
 from .plan import Plan
-
 
 
 @dataclasses.dataclass
@@ -41,19 +38,13 @@ class Model:
 
 
 def save_model(folder: str | os.PathLike, net: SegNet, labels: list[LabelInfo], normalization: Normalization,
-               extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Write the model folder atomically: a sibling temp folder is renamed into place."""
+               extra: dict | None = None, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write the model folder atomically (``hssl.io.atomic_folder``: a private sibling folder renamed
+    into place; removed on failure, a full disk included). ``extra_files`` are text files (a model
+    card) written into the same folder before the rename."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise HSSLError(f"model folder '{folder}' already exists: pass --overwrite or choose another folder")
-    parent = folder.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
-    except OSError as err:
-        raise HSSLError(f"cannot write the model in '{parent}' ({err.strerror}): choose a writable folder") from None
     meta = {
         "format": FORMAT,
         "labels": [lab.to_json() for lab in labels],
@@ -63,33 +54,12 @@ def save_model(folder: str | os.PathLike, net: SegNet, labels: list[LabelInfo], 
         "versions": {"hssl": __version__, "torch": torch.__version__, "python": platform.python_version()},
         **(extra or {}),
     }
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        publish_folder(tmp, folder)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = "no space left on the device" if err.errno == 28 else (err.strerror or str(err))
-        raise HSSLError(f"cannot write the model folder '{folder}' ({reason}): free space or choose another "
-                        "folder") from None
-    return folder
-
-
-def publish_folder(tmp: Path, folder: Path) -> None:
-    """Put the complete folder ``tmp`` (a sibling of ``folder``) in place of ``folder`` by renames, so
-    that a reader never sees half a model; an existing ``folder`` is replaced. mkdtemp makes private
-    folders, and a model folder is meant to be shared and copied: 0755 / 0644."""
-    os.chmod(tmp, 0o755)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-        os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    files = {WEIGHTS: lambda path: save_file(state, str(path)),
+             META: lambda path: path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")}
+    for name, text in (extra_files or {}).items():
+        files[name] = lambda path, text=text: path.write_text(text, encoding="utf-8")
+    return atomic_folder(folder, files, overwrite, what="model folder")
 
 
 def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Model:
