@@ -14,7 +14,7 @@ from .recipe import time_budget_or_default
 
 KEYS = {"image", "labels", "segments", "slices", "model_out", "prediction_out", "init", "time_budget", "steps",
         "device", "seed", "stop_file", "overwrite", "names", "known_mask", "modality", "batch_size",
-        "postprocess", "roi", "threads"}
+        "postprocess", "roi", "threads", "parent_pid"}
 REQUIRED = {"image", "labels", "model_out"}
 
 
@@ -43,6 +43,10 @@ def run_job(path: str, args=None) -> int:
     if args is not None:
         args._progress = progress
     job = read_job(path)
+    from . import lifeline
+
+    # parent_pid: the program that waits for the job (Slicer); it may be a grandparent, behind PythonSlicer.
+    lifeline.watch(job.get("parent_pid"), follow_ppid=True)
     import os
 
     from .device import set_threads
@@ -64,6 +68,8 @@ def run_job(path: str, args=None) -> int:
     result = run_finetune(job["image"], job["labels"], job["model_out"], opts, progress, overwrite=overwrite,
                           names=job.get("names"), segments=job.get("segments"), slices=job.get("slices"),
                           known_mask=job.get("known_mask"))
+    if prediction and lifeline.lost():
+        prediction = None  # nobody would open it; the module predicts from the saved model later
     if prediction:
         run_predict(result.model, job["image"], prediction, device=opts.device, overwrite=overwrite,
                     progress=progress, annotation=result.annotation,

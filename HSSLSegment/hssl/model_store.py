@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, lifeline
 from .errors import HSSLError
 from .io import LabelInfo, atomic_folder
 from .model_format import FORMAT, MAX_WEIGHT_VALUES, META, WEIGHTS, ModelFormatError, check_model_folder
@@ -55,6 +55,10 @@ def save_model(folder: str | os.PathLike, net: SegNet, labels: list[LabelInfo], 
         "versions": {"hssl": __version__, "torch": torch.__version__, "python": platform.python_version()},
         **(extra or {}),
     }
+    training = meta.get("training")
+    if isinstance(training, dict) and "stop_reason" not in training:
+        # Why fine-tuning ended early ("signal", "stop-file", "parent-exited"), recorded by StopRequest.
+        training["stop_reason"] = lifeline.stop_reason() if training.get("stopped") else None
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     files = {WEIGHTS: lambda path: save_file(state, str(path)),
              META: lambda path: path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")}
