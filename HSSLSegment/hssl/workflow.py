@@ -180,7 +180,8 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                              "continuing on the CPU (slower)")
     progress.close()
     # Network classes 1..N map back to the model's label values.
-    lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)
+    values = [0] + [lab.value for lab in model.labels]
+    lut = np.array(values, dtype=np.uint16 if max(values) > 255 else np.uint8)
     labels = lut[classes]
     if annotation is not None:
         labels = postprocess.apply(labels, annotation[0], annotation[1], postprocess_mode)

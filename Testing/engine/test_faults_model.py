@@ -315,3 +315,16 @@ def test_prediction_slab_shrinks_with_the_number_of_classes(monkeypatch):
     assert slabs[3] == 200  # one slab: unchanged for the usual 1-2 labels
     half = PLAN.patch_size[0] // 2
     assert slabs[30] <= math.ceil(200 * 3 / 30) + 2 * half, slabs
+
+
+def test_label_values_above_255_that_validation_accepts_also_predict(synthetic):
+    """Values up to 65535 pass validation (labelmaps use them), so prediction must carry them
+    (it used to build a uint8 table from the number of labels and overflow)."""
+    from hssl.io import read_image
+    from hssl.model_store import Model
+    from hssl.workflow import predict_volume
+
+    labels = [LabelInfo("liver", 300, (0.9, 0.35, 0.25)), LabelInfo("tumour", 7, (0.3, 0.7, 0.35))]
+    model = Model(SegNet(PLAN, 3), labels, Normalization("ct"), {})
+    pred = predict_volume(model, read_image(synthetic["image"]), device="cpu")
+    assert pred.labels.dtype == np.uint16 and set(np.unique(pred.labels)) <= {0, 7, 300}
