@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_args(p)
     p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
     p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="stop gracefully (saving the model) once process PID exits; with --progress-json a closed "
+                        "stdout or an exited parent process stops it too")
     p.add_argument("--predict", default=None, metavar="OUT", help="also predict the image into OUT afterwards")
     p.add_argument("--postprocess", default="annotated-components", choices=["annotated-components", "none"],
                    help="with --predict: keep only components touching painted voxels (default) or none")
@@ -145,12 +148,14 @@ def _patch(text: str | None):
 
 
 def cmd_finetune(a) -> int:
+    from . import lifeline
     from .finetune import FinetuneOptions
     from .progress import Progress
     from .workflow import finetune_and_predict
 
     progress = Progress(json_lines=a.progress_json)
     a._progress = progress
+    lifeline.watch(a.parent_pid, follow_ppid=a.progress_json)
     opts = FinetuneOptions(steps=a.steps, time_budget=time_budget_or_default(a.time_budget, a.steps),
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
                            precision="fp32" if a.no_amp else a.precision, init=a.init, modality=a.modality,
@@ -276,17 +281,34 @@ def main(argv: list[str] | None = None) -> int:
         if a._progress is not None:
             a._progress.close()
             a._progress.event("error", message=message)
-        print(f"error: {message}", file=sys.stderr)
+        _say(f"error: {message}")
         return err.exit_code
     except MemoryError:
         message = "host memory ran out: crop the volume, lower --sw-batch-size/--batch-size or close other programs"
         if a._progress is not None:
             a._progress.event("error", message=message)
-        print(f"error: {message}", file=sys.stderr)
+        _say(f"error: {message}")
         return 3
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _say("error: interrupted")
         return 130
+    except Exception as err:  # noqa: BLE001 - only a full disk is turned into a line; the rest is a bug
+        from .io import disk_full_message
+
+        message = disk_full_message(err)
+        if message is None:
+            raise
+        if a._progress is not None:
+            a._progress.event("error", message=message)
+        _say(f"error: {message}")
+        return 2
+
+
+def _say(line: str) -> None:
+    """The error line on stderr, quietly dropped when the reader of stderr has gone."""
+    from .progress import say
+
+    say(line)
 
 
 if __name__ == "__main__":

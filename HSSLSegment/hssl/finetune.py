@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from . import refine
+from . import lifeline, refine
 from .device import autocast_dtype, is_oom, resolve_device
 from .errors import HSSLError, OutOfMemory
 from .io import Labels, LabelInfo, Volume
@@ -86,14 +86,18 @@ class FinetuneResult:
 
 
 class StopRequest:
-    """A graceful stop: SIGINT/SIGTERM or the stop file. Checked once per step."""
+    """A graceful stop: SIGINT/SIGTERM, the stop file, or the parent process gone (``hssl.lifeline``).
+    Checked once per step; ``reason`` is "signal", "stop-file" or "parent-exited" (also recorded with
+    ``lifeline.note_stop`` for model.json's ``training.stop_reason``)."""
 
     def __init__(self, stop_file: str | None):
         self.stop_file = Path(stop_file) if stop_file else None
         self.flag = False
+        self.reason: str | None = None
         self._previous = {}
 
     def __enter__(self):
+        lifeline.note_stop(None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -106,11 +110,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
-        self.flag = True
+        self._stop("signal")
+
+    def _stop(self, reason: str) -> None:
+        if not self.flag:
+            self.flag, self.reason = True, reason
+            lifeline.note_stop(reason)
 
     def requested(self) -> bool:
-        if not self.flag and self.stop_file is not None and self.stop_file.exists():
-            self.flag = True
+        if not self.flag:
+            if lifeline.lost():
+                self._stop(lifeline.PARENT_EXITED)
+            elif self.stop_file is not None and self.stop_file.exists():
+                self._stop("stop-file")
         return self.flag
 
 
@@ -315,6 +327,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     meta = {
         "training": {
             "steps": step, "seconds": round(seconds, 1), "device": device.type, "seed": opts.seed,
+            "stop_reason": stop.reason if stopped else None,
             "init": init, "lr": lr, "batch_size": batch_size, "precision": str(dtype or torch.float32).replace("torch.", ""), "stopped": stopped, "recipe": recipe.to_json(),
             "annotated_slices": [s.name(names) for s in annotation.slices], "annotation": annotation.source,
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,

@@ -12,10 +12,12 @@ Conventions (the usual source of medical-imaging bugs, so stated once here):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -459,30 +461,146 @@ def check_output(path: str | os.PathLike, overwrite: bool, what: str = "output")
     return path
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], overwrite: bool = True) -> Path:
+# A full disk (or quota) as the OS reports it; EDQUOT does not exist on Windows.
+DISK_FULL_ERRNOS = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+# How libraries word it when they wrap the OS error in their own type (safetensors' SafetensorError:
+# "I/O error: No space left on device (os error 28)"; on Windows os error 112).
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "not enough space on the disk",
+                   "os error 28", "os error 122", "os error 112")
+# Below this much free space a failed or suspicious write is taken as the disk filling up.
+LOW_SPACE_BYTES = 2**20
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes the current user may still write on ``folder``'s filesystem (None if unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """Whether ``err``, raised while writing into ``folder``, means that the disk (or quota) is full.
+
+    True for an OSError with ENOSPC/EDQUOT, for a library error that wraps one in its message, and,
+    when ``folder`` is given, for a library error that carries no cause (torch.save's "unexpected
+    pos", ITK's "Error writing") raised while ``folder``'s filesystem has less than LOW_SPACE_BYTES left.
+    """
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return True
+    if any(text in str(err) for text in DISK_FULL_TEXTS):
+        return True
+    if folder is not None and not isinstance(err, OSError):
+        free = free_bytes(folder)
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
+
+
+def write_error(err: BaseException, what: str, path: str | os.PathLike) -> HSSLError | None:
+    """The one-line error for a failed write of ``what`` at ``path``, or None when ``err`` is not a
+    write failure (a bug: the caller re-raises it)."""
+    if is_disk_full(err, Path(path).parent):
+        return HSSLError(f"no space left on the device while writing the {what} '{path}': free disk space or "
+                         "choose another location")
+    if isinstance(err, OSError):
+        return HSSLError(f"cannot write the {what} '{path}' ({err.strerror or err}): choose a writable location")
+    return None
+
+
+def disk_full_message(err: BaseException) -> str | None:
+    """The command lines' last resort: the one-line message for a write failure on a full disk that no
+    writer turned into an :class:`HSSLError` (a log file, a plot), or None when ``err`` is something else."""
+    if not is_disk_full(err):
+        return None
+    first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    return f"no space left on the device ({first}): free disk space and run again"
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], overwrite: bool = True,
+                 what: str = "output") -> Path:
     """Run ``writer(tmp_path)`` then rename the temporary file onto ``path``.
 
     The temporary file sits in the same folder and keeps the suffix (writers pick the format from
-    it), so a crash or a full disk never leaves a half-written ``path``.
+    it), so a crash or a full disk never leaves a half-written ``path``; on any failure the
+    temporary file is removed and a write failure becomes one :class:`HSSLError` line.
     """
-    path = check_output(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="-tmp" + "".join(_suffixes(path)),
-                               dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    path = check_output(path, overwrite, what)
+    tmp_path = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="-tmp" + "".join(_suffixes(path)),
+                                   dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         writer(tmp_path)
         os.replace(tmp_path, path)
-    except OSError as err:
-        tmp_path.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise HSSLError(f"no space left on the device while writing '{path}': free disk space or "
-                            "choose another location") from None
-        raise HSSLError(f"cannot write '{path}' ({err.strerror or err}): choose a writable location") from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink(missing_ok=True)
+        failure = write_error(err, what, path) if isinstance(err, Exception) else None
+        if failure is not None:
+            raise failure from None
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = "file") -> Path:
+    """Write a text file (JSON, CSV, Markdown) atomically, as :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what=what)
+
+
+def atomic_folder(folder: str | os.PathLike, files: dict[str, Callable[[Path], None]], overwrite: bool = False,
+                  what: str = "folder") -> Path:
+    """Write a folder atomically: ``files[name](path)`` writes each file (``name`` may hold ``/``) into
+    a private temporary sibling of ``folder``, which :func:`publish_folder` then renames into place.
+
+    On any failure (a full disk included) the temporary folder is removed, an existing ``folder`` is
+    left as it was, and a write failure becomes one :class:`HSSLError` line.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise HSSLError(f"{what} '{folder}' already exists: pass --overwrite or choose another folder")
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        for name, write in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            write(tmp / name)
+        publish_folder(tmp, folder)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_error(err, what, folder) if isinstance(err, Exception) else None
+        if failure is not None:
+            raise failure from None
+        raise
+    return folder
+
+
+def publish_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete folder ``tmp`` (a sibling of ``folder``) in place of ``folder`` by renames, so
+    that a reader never sees half of it; an existing ``folder`` is replaced, and put back if the
+    second rename fails. mkdtemp makes private folders, and these folders are meant to be shared
+    and copied: 0755 / 0644."""
+    os.chmod(tmp, 0o755)
+    for root, dirs, names in os.walk(tmp):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for n in names:
+            os.chmod(os.path.join(root, n), 0o644)
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    os.replace(folder, old / folder.name)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        os.replace(old / folder.name, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _suffixes(path: Path) -> list[str]:
@@ -513,12 +631,28 @@ def write_labelmap(path: str | os.PathLike, array: np.ndarray, geometry: Geometr
         # A 4D array is [z, y, x, component] (e.g. class probabilities): one vector image.
         image = geometry.apply_to(sitk.GetImageFromArray(array, isVector=array.ndim == 4))
         sitk.WriteImage(image, str(tmp), useCompression=True)
+        _check_complete(tmp, array)
 
     try:
         return atomic_write(path, write)
     except RuntimeError as err:
         raise HSSLError(f"cannot write '{path}' ({str(err).strip().splitlines()[-1][:120]}): use a "
                         ".nrrd, .nii.gz or .seg.nrrd output") from None
+
+
+def _check_complete(path: Path, array: np.ndarray) -> None:
+    """ITK's NIfTI writer reports nothing when the disk fills up: it leaves a truncated file (measured
+    with SimpleITK 2.5 on a full tmpfs). When the filesystem is (nearly) full after a write, the file
+    is read back and compared; a difference is the full disk."""
+    free = free_bytes(path.parent)
+    if free is None or free >= LOW_SPACE_BYTES:
+        return
+    try:
+        complete = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), array)
+    except RuntimeError:
+        complete = False
+    if not complete:
+        raise OSError(errno.ENOSPC, "No space left on device (the written file is incomplete)")
 
 
 def _write_nifti_like(path: Path, array: np.ndarray, source: str) -> None:

@@ -26,7 +26,10 @@ class _StoppableProgress(Progress):
         self.stop_file = stop_file
 
     def stop_requested(self) -> bool:
-        return bool(self.stop_file) and os.path.exists(self.stop_file)
+        from . import lifeline
+
+        # A prediction nobody will open (the parent is gone) stops like a cancelled one.
+        return (bool(self.stop_file) and os.path.exists(self.stop_file)) or lifeline.lost()
 
     def update(self, phase: str, step: int, total: int, **fields) -> None:
         if phase == "predict" and self.stop_requested():
@@ -47,6 +50,10 @@ def run_job(path: str, args=None) -> int:
     progress = _StoppableProgress(spec.stop_file)
     if args is not None:
         args._progress = progress
+    from . import lifeline
+
+    # parent_pid: the program that waits for the job (Slicer); it may be a grandparent, behind PythonSlicer.
+    lifeline.watch(spec.parent_pid, follow_ppid=True)
     if spec.kind == "device":
         return _run_device(spec, progress)
     from .device import set_threads

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .errors import HSSLError
+from .model_format import ModelFormatError, check_normalization
 
 CT_WINDOW = (-1000.0, 1000.0)
 
@@ -29,9 +30,13 @@ class Normalization:
 
     @classmethod
     def from_json(cls, d: dict) -> "Normalization":
-        if d.get("scheme") not in ("ct", "percentile"):
-            raise HSSLError(f"unknown normalisation scheme {d.get('scheme')!r} in the model: re-train the model")
-        return cls(d["scheme"], tuple(d.get("window", CT_WINDOW)), tuple(d.get("percentiles", (0.5, 99.5))))
+        """Read from a model folder (user input): finite, ordered numbers (``hssl.model_format``)."""
+        try:
+            check_normalization(d)
+        except ModelFormatError as err:
+            raise HSSLError(f"{err}: the model folder is corrupt; re-train the model") from None
+        return cls(d["scheme"], tuple(float(v) for v in d.get("window", CT_WINDOW)),
+                   tuple(float(v) for v in d.get("percentiles", (0.5, 99.5))))
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         """``[z, y, x]`` raw intensities -> float32 in about [0, 1]."""

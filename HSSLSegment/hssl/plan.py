@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import HSSLError
+from .model_format import MAX_PATCH_SIDE, MAX_PATCH_VOXELS, ModelFormatError, check_plan
 from .recipe import CPU_PATCH_VOXELS, GPU_PATCH_VOXELS  # noqa: F401  (re-exported)
 
 MAX_LEVELS = 5
@@ -39,11 +40,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
+        """A plan read from a model folder (user input): validated against the bounds of
+        ``hssl.model_format.check_plan`` before anything is built from it."""
         try:
-            return cls(tuple(d["spacing"]), tuple(d["patch_size"]), tuple(tuple(s) for s in d["strides"]),
-                       tuple(tuple(k) for k in d["kernels"]), tuple(d["channels"]))
-        except (KeyError, TypeError) as err:
-            raise HSSLError(f"the model's plan is incomplete ({err}): the model folder is corrupt") from None
+            check_plan(d)
+        except ModelFormatError as err:
+            raise HSSLError(f"{err}: the model folder is corrupt; re-train the model") from None
+        return cls(tuple(float(v) for v in d["spacing"]), tuple(d["patch_size"]), tuple(tuple(s) for s in d["strides"]),
+                   tuple(tuple(k) for k in d["kernels"]), tuple(d["channels"]))
 
     @property
     def divisor(self) -> tuple[int, int, int]:
@@ -68,6 +72,9 @@ def make_plan(spacing_zyx: Sequence[float], shape_zyx: Sequence[int],
         patch = np.asarray(patch_size, dtype=int)
         if patch.shape != (3,) or (patch < 1).any():
             raise HSSLError(f"patch size {tuple(patch_size)} must be three positive integers (z, y, x)")
+        if (patch > MAX_PATCH_SIDE).any() or int(np.prod(patch, dtype=np.int64)) > MAX_PATCH_VOXELS:
+            raise HSSLError(f"patch size {tuple(patch_size)} is too large: at most {MAX_PATCH_SIDE} voxels per side "
+                            f"and {MAX_PATCH_VOXELS} in all (e.g. 64,256,256)")
     strides, kernels = [(1, 1, 1)], []
     current = spacing.copy()
     feature = patch.astype(float)

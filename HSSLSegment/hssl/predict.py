@@ -20,6 +20,9 @@ from .model_store import Model
 from .training import autocast
 
 SLAB_VOXELS = 48 * 2**20  # voxels per slab (about 200 MB of float32 input)
+# MONAI accumulates (classes x slab) float32 values: beyond this many classes the slab shrinks so that
+# a model with many labels (at most model_format.MAX_LABELS) needs no more than one with 2 labels.
+SLAB_CLASSES = 3
 
 
 def _windows(shape, roi, overlap) -> int:
@@ -58,9 +61,9 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
     net, roi = model.net.to(device).eval(), model.plan.patch_size
     nz = image.shape[0]
     plane = int(np.prod(image.shape[1:]))
-    slab = max(roi[0] * 2, SLAB_VOXELS // max(plane, 1))
-    margin = roi[0] // 2
     classes = model.net.out_channels
+    slab = max(roi[0] * 2, SLAB_VOXELS * SLAB_CLASSES // max(classes, SLAB_CLASSES) // max(plane, 1))
+    margin = roi[0] // 2
     labels = np.zeros(image.shape, dtype=np.uint8 if classes < 256 else np.uint16)
     probs = np.zeros((classes, *image.shape), dtype=np.float16) if probabilities else None
     starts = list(range(0, nz, slab)) if nz > slab else [0]

@@ -198,7 +198,8 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
         if not probabilities:
             probs = None
     # Network classes 1..N map back to the model's label values.
-    lut = np.array([0] + [lab.value for lab in model.labels], dtype=np.uint16 if len(model.labels) > 255 else np.uint8)
+    values = [0] + [lab.value for lab in model.labels]
+    lut = np.array(values, dtype=np.uint16 if max(values) > 255 else np.uint8)
     labels = lut[classes]
     if annotation is not None:
         labels = postprocess.apply(labels, annotation[0], annotation[1], postprocess_mode)
@@ -283,9 +284,12 @@ def finetune_and_predict(image: str, labels: str, out: str, opts: FinetuneOption
         if not name.endswith(".seg.nrrd") and not name.endswith(IMAGE_SUFFIXES):
             raise HSSLError(f"prediction output '{prediction_out}' has an unknown suffix: use .seg.nrrd (Slicer "
                             "segmentation), .nrrd, .nii.gz or .mha")
+    from . import lifeline
+
     result = run_finetune(image, labels, out, opts, progress, overwrite=overwrite, **inputs)
     prediction = None
-    if prediction_out:
+    # With the parent gone nobody would open the prediction; the module predicts from the saved model later.
+    if prediction_out and not lifeline.lost():
         prediction = run_predict(result.model, image, prediction_out, device=opts.device, overwrite=overwrite,
                                  progress=progress, annotation=result.annotation, postprocess_mode=postprocess_mode,
                                  roi=result.roi, precision=opts.precision if opts.amp else "fp32")["path"]

@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - only a full disk (log.csv, a plot) becomes a line; the rest is a bug
+        from ..io import disk_full_message
+
+        message = disk_full_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 def _run(args) -> int:

@@ -8,13 +8,15 @@ model card.
 - ``<output>/bundle/``: a MONAI bundle - ``configs/metadata.json``, ``configs/inference.json``
   (instantiates ``hssl.network.SegNet`` through MONAI's ``ConfigParser``; needs ``hssl`` importable),
   ``models/model.pt`` (a state dict), ``docs/README.md`` (the model card).
+
+Both are written to a temporary sibling folder and renamed into place (``hssl.io.atomic_folder``):
+a full disk or a crash leaves the previous export as it was, never half of one.
 """
 from __future__ import annotations
 
 import json
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -25,6 +27,7 @@ import torch
 
 from .. import __version__
 from ..errors import HSSLError
+from ..io import atomic_folder
 from ..model_store import save_model
 from ..network import SegNet
 from ..normalize import Normalization
@@ -165,67 +168,55 @@ def majority_normalization(summary: dict) -> Normalization:
 def export_hssl_model(folder: Path, net: SegNet, cfg: PretrainConfig, summary: dict, command: str | None = None) -> Path:
     meta = {"description": cfg.export.description or f"{cfg.export.name}: {method_text(cfg)}; fine-tune before use",
             "name": cfg.export.name, "pretraining": pretraining_meta(cfg, summary)}
-    save_model(folder, net, [], majority_normalization(summary), extra=meta, overwrite=True)
-    (folder / CARD).write_text(model_card(cfg, summary, command))
-    return folder
+    return save_model(folder, net, [], majority_normalization(summary), extra=meta, overwrite=True,
+                      extra_files={CARD: model_card(cfg, summary, command)})
 
 
 def export_bundle(folder: Path, net: SegNet, cfg: PretrainConfig, summary: dict, command: str | None = None) -> Path:
     """A MONAI bundle folder (replaced if it exists)."""
     import monai
 
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "configs").mkdir(parents=True)
-        (tmp / "models").mkdir()
-        (tmp / "docs").mkdir()
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "models" / "model.pt")
-        plan = net.plan.to_json()
-        metadata = {
-            "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
-                      "meta_schema_20220324.json",
-            "version": "0.1.0",
-            "changelog": {"0.1.0": "first export from hssl pretraining"},
-            "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
-            "numpy_version": np.__version__, "required_packages_version": {"hssl": __version__},
-            "name": cfg.export.name,
-            "task": "Self-supervised pretrained 3D encoder-decoder (initialisation for segmentation fine-tuning)",
-            "description": "HSSL-style multi-domain pretraining (a reconstruction); see docs/README.md",
-            "authors": "HSSLSegment", "copyright": "see the sources' licences in docs/README.md",
-            "intended_use": "initialisation for fine-tuning; not a segmentation model by itself",
-            "network_data_format": {
-                "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CT or MR",
-                                     "num_channels": 1, "spatial_shape": plan["patch_size"], "dtype": "float32",
-                                     "value_range": [0, 1], "is_patch_data": True,
-                                     "channel_def": {"0": "image normalised with hssl.normalize"}}},
-                "outputs": {"pred": {"type": "image", "format": "features", "num_channels": 1,
-                                     "spatial_shape": plan["patch_size"], "dtype": "float32",
-                                     "value_range": [], "is_patch_data": True,
-                                     "channel_def": {"0": "restoration output (pretraining head)"}}},
-            },
-            "hssl_pretraining": pretraining_meta(cfg, summary),
-        }
-        inference = {
-            "plan_json": plan,
-            "plan": {"_target_": "hssl.plan.Plan.from_json", "d": "@plan_json"},
-            "network_def": {"_target_": "hssl.network.SegNet", "plan": "@plan", "out_channels": 1},
-            "device": "cpu",
-            "network": "$@network_def.to(@device)",
-            "checkpoint": "$@bundle_root + '/models/model.pt'",
-            "bundle_root": ".",
-        }
-        (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
-        (tmp / "docs" / "README.md").write_text(model_card(cfg, summary, command))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HSSLError(f"cannot write the MONAI bundle '{folder}' ({err.strerror or err}): free disk space or "
-                        "choose another output_dir") from None
-    return folder
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    plan = net.plan.to_json()
+    metadata = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                  "meta_schema_20220324.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": "first export from hssl pretraining"},
+        "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__, "required_packages_version": {"hssl": __version__},
+        "name": cfg.export.name,
+        "task": "Self-supervised pretrained 3D encoder-decoder (initialisation for segmentation fine-tuning)",
+        "description": "HSSL-style multi-domain pretraining (a reconstruction); see docs/README.md",
+        "authors": "HSSLSegment", "copyright": "see the sources' licences in docs/README.md",
+        "intended_use": "initialisation for fine-tuning; not a segmentation model by itself",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CT or MR",
+                                 "num_channels": 1, "spatial_shape": plan["patch_size"], "dtype": "float32",
+                                 "value_range": [0, 1], "is_patch_data": True,
+                                 "channel_def": {"0": "image normalised with hssl.normalize"}}},
+            "outputs": {"pred": {"type": "image", "format": "features", "num_channels": 1,
+                                 "spatial_shape": plan["patch_size"], "dtype": "float32",
+                                 "value_range": [], "is_patch_data": True,
+                                 "channel_def": {"0": "restoration output (pretraining head)"}}},
+        },
+        "hssl_pretraining": pretraining_meta(cfg, summary),
+    }
+    inference = {
+        "plan_json": plan,
+        "plan": {"_target_": "hssl.plan.Plan.from_json", "d": "@plan_json"},
+        "network_def": {"_target_": "hssl.network.SegNet", "plan": "@plan", "out_channels": 1},
+        "device": "cpu",
+        "network": "$@network_def.to(@device)",
+        "checkpoint": "$@bundle_root + '/models/model.pt'",
+        "bundle_root": ".",
+    }
+    texts = {"configs/metadata.json": json.dumps(metadata, indent=2) + "\n",
+             "configs/inference.json": json.dumps(inference, indent=2) + "\n",
+             "docs/README.md": model_card(cfg, summary, command)}
+    files = {"models/model.pt": lambda path: torch.save(state, path)}
+    files.update({name: lambda path, text=text: path.write_text(text, encoding="utf-8") for name, text in texts.items()})
+    return atomic_folder(folder, files, overwrite=True, what="MONAI bundle")
 
 
 def export_all(cfg: PretrainConfig, net: SegNet, summary: dict, command: str | None = None):
@@ -245,12 +236,11 @@ def install_bundled(source: str | Path, name: str, half: bool = False, descripti
     Written to a temporary sibling and renamed, so a failed copy never leaves half a model.
     """
     import re
-    import tempfile
 
     from safetensors.torch import save_file
 
     from ..model_format import bundled_model_dir
-    from ..model_store import META, WEIGHTS, load_model, publish_folder
+    from ..model_store import META, WEIGHTS, load_model
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise HSSLError(f"bundled model name '{name}' must be letters, digits, '.', '_' or '-'")
@@ -279,22 +269,11 @@ def install_bundled(source: str | Path, name: str, half: bool = False, descripti
     card += (f"\n## Shipped copy\nBundled as `{name}` (`hssl finetune --init "
              f"{'bundled' if name == 'default' else 'bundled:' + name}`), weights stored as "
              f"{'float16 (fine-tuning loads them into float32)' if half else 'float32'}.\n")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    except OSError as err:
-        raise HSSLError(f"cannot write in '{root}' ({err.strerror}): choose a writable folder") from None
-    try:
-        state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
-                 for k, v in model.net.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / CARD).write_text(card)
-        publish_folder(tmp, dest)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = "no space left on the device" if err.errno == 28 else (err.strerror or str(err))
-        raise HSSLError(f"cannot write the bundled model '{dest}' ({reason}): free space or choose another "
-                        "folder") from None
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+             for k, v in model.net.state_dict().items()}
+    atomic_folder(dest, {WEIGHTS: lambda path: save_file(state, str(path)),
+                         META: lambda path: path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8"),
+                         CARD: lambda path: path.write_text(card, encoding="utf-8")},
+                  overwrite=True, what="bundled model")
     load_model(dest)  # the copy loads
     return dest

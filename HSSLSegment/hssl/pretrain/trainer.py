@@ -16,9 +16,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
-import errno
 import hashlib
 import json
 import math
@@ -34,6 +34,7 @@ import torch
 from ..device import resolve_device
 from ..errors import HSSLError
 from ..finetune import StopRequest
+from ..io import atomic_write_text, is_disk_full
 from ..plan import Plan
 from ..training import backward_and_step
 from .catalog import Catalog, build_catalog, load_manifest
@@ -142,10 +143,12 @@ def _tuplify(v):
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically; on failure the previous checkpoints stay as they were."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` to ``path`` atomically; on failure the temporary file is removed, the previous
+    checkpoints stay as they were and a write failure (a full disk included: torch.save then raises
+    a RuntimeError without an errno) is one line saying which checkpoint is intact."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -157,18 +160,18 @@ def save_checkpoint(path: Path, state: dict) -> Path:
             os.close(fd)
         except OSError:
             pass
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        previous = [p.name for p in list_checkpoints(path.parent) if p != path]
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(err, Exception) or not (isinstance(err, OSError) or is_disk_full(err, path.parent)):
+            raise
+        previous = [p.name for p in list_checkpoints(path.parent) if p != path] if path.parent.is_dir() else []
         keep = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        if err.errno == errno.ENOSPC:
+        if is_disk_full(err, path.parent):
             raise HSSLError(f"no space left on the device while writing checkpoint '{path}' ({keep}): free disk "
                             "space and resume with --resume") from None
         raise HSSLError(f"cannot write checkpoint '{path}' ({err.strerror or err}; {keep}): choose a writable "
                         "output folder") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -317,7 +320,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
     end = cfg.train.max_steps if not cfg.train.stop_at_step else min(cfg.train.max_steps, cfg.train.stop_at_step)
     logger = _Logger(out, step, dist, cfg.method) if dist.main else None
     if dist.main:
-        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_json(), indent=2) + "\n", "pretraining config")
         size = (f"{cfg.dense.pairs_per_step} crop pairs" if dense else f"{cfg.train.batch_size} pairs") + " per process"
         _say(f"pretraining ({cfg.method}) on {device.type} x{dist.world}: {sum(p.numel() for p in model.net.parameters()) / 1e6:.2f} M "
              f"network parameters, crops {tuple(cfg.data.crop_size)} x {size}, "
@@ -414,7 +417,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
             model_dir, bundle_dir = export_all(cfg, model.net.to("cpu"), summary)
             summary["model_dir"] = str(model_dir) if model_dir else None
             summary["bundle_dir"] = str(bundle_dir) if bundle_dir else None
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n", "pretraining summary")
     if dist.world > 1:
         import torch.distributed as td
 
