@@ -21,6 +21,7 @@ TORCH_REQUIREMENT = ("torch", "torch", "2.2")
 PIP_REQUIREMENTS = (
     ("monai", "monai", "1.4"),
     ("numpy", "numpy", "1.24"),
+    ("scipy", "scipy", "1.9"),
     ("SimpleITK", "SimpleITK", "2.3"),
     ("slicerio", "slicerio", "1.0"),
     ("nibabel", "nibabel", "4.0"),
