@@ -21,7 +21,8 @@ log = logging.getLogger("hssl")
 
 def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help=f"seconds of fine-tuning (default {DEFAULT_TIME_BUDGET_S:g} when --steps is not given)")
+                   help=f"seconds until the model and its prediction are ready (default {DEFAULT_TIME_BUDGET_S:g} "
+                        "when --steps is not given): training stops early enough for the final prediction")
     p.add_argument("--steps", type=int, default=None, help="number of training steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     p.add_argument("--seed", type=int, default=0)

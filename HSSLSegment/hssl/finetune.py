@@ -254,12 +254,17 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     selection = None
     history: list[dict] = []
     step, stopped, heldout_dice, eval_seconds = 0, False, None, 0.0
+    # A time budget is the time to the first prediction: training keeps back what the final
+    # prediction over the region will take beyond the recipe's slack (estimated from a timed forward
+    # pass, then from the held-out selection's own prediction).
+    reserve = 0.0
+    predict_region = roi if roi is not None else tuple(slice(0, n) for n in target.shape)
     eta = Eta()
     next_eval = 1.0 / (evals + 1) * holdout_fraction
     phase = "finetune"
     with StopRequest(opts.stop_file) as stop:
         while True:
-            fraction = _fraction(step, eta.elapsed(), opts)
+            fraction = _fraction(step, eta.elapsed(), opts, reserve)
             if fraction >= 1.0:
                 break
             if stop.requested():
@@ -282,6 +287,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                                                        table, normalization, device, precision, recipe)
                         progress.event("final_step", **_final_step_event(selection, table))
                         progress.log(_final_step_note(selection, table))
+                        if opts.time_budget is not None:
+                            per_window = selection["predict_seconds"] / max(selection["windows"], 1)
+                            reserve = _reserve(per_window, predict_region, plan, recipe, selection["chosen"])
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
@@ -308,7 +316,11 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                 scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
                 continue
             step += 1
-            fraction = _fraction(step, eta.elapsed(), opts)
+            if step == 3 and opts.time_budget is not None:
+                per_window = _forward_seconds(net, plan, device, dtype)
+                default_final = opts.final_step if opts.final_step != "auto" else recipe.final_step
+                reserve = _reserve(per_window, predict_region, plan, recipe, default_final)
+            fraction = _fraction(step, eta.elapsed(), opts, reserve)
             total = opts.steps if opts.steps is not None else max(step, int(round(step / max(fraction, 1e-9))))
             record = {"step": step, "loss": float(loss.item()), "heldout_dice": heldout_dice,
                       "elapsed_s": round(eta.elapsed(), 2), "phase": phase}
@@ -344,13 +356,40 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                           meta["training"]["final_step"])
 
 
-def _fraction(step: int, elapsed: float, opts: FinetuneOptions) -> float:
+def _fraction(step: int, elapsed: float, opts: FinetuneOptions, reserve: float = 0.0) -> float:
+    """How much of the budget is used; ``reserve`` seconds of a time budget are kept for the final
+    prediction, but training always gets at least half the budget."""
     parts = []
     if opts.steps is not None:
         parts.append(step / opts.steps)
     if opts.time_budget is not None:
-        parts.append(elapsed / opts.time_budget)
+        parts.append(elapsed / max(opts.time_budget - reserve, 0.5 * opts.time_budget))
     return max(parts)
+
+
+def _forward_seconds(net: SegNet, plan, device: torch.device, dtype) -> float:
+    """Seconds of one inference forward pass of a training-sized window."""
+    x = torch.zeros((1, 1, *plan.patch_size), device=device)
+    net.eval()
+    t0 = time.monotonic()
+    with torch.inference_mode(), autocast(device.type, dtype):
+        net(x)
+    seconds = time.monotonic() - t0
+    net.train()
+    return seconds
+
+
+def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: FinetuneRecipe, final_step: str) -> float:
+    """Seconds of a time budget to keep for the final prediction of ``region``: its estimated time
+    (windows x seconds per window; the intensity refinement adds about a quarter, measured on the
+    development set) minus the recipe's slack for it."""
+    from .predict import window_count
+    from .workflow import default_overlap
+
+    extent = [r.stop - r.start for r in region]
+    windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
+    estimate = per_window * windows * (1.25 if final_step != "network" else 1.0)
+    return max(0.0, estimate - recipe.first_prediction_slack_s)
 
 
 def _after_oom(batch_size: int, device: torch.device, net: SegNet, progress: Progress):
@@ -434,8 +473,16 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     t0 = time.monotonic()
     region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
     model = Model(net, table, normalization, {})
-    _, probs = predict_array(model, image, device, overlap=0.25, precision=precision, probabilities=True,
+    from .workflow import default_overlap
+
+    from .predict import window_count
+
+    overlap = default_overlap(region, net.plan.patch_size)
+    t_predict = time.monotonic()
+    _, probs = predict_array(model, image, device, overlap=overlap, precision=precision, probabilities=True,
                              roi=region)
+    t_predict = time.monotonic() - t_predict
+    windows = window_count([r.stop - r.start for r in region], net.plan.patch_size, overlap)
     net.train()
     train_known = known_mask(target.shape, [s for s in annotation.slices if s != holdout])
     sub = (slice(None), *region)
@@ -449,7 +496,8 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     for name in refine.CANDIDATES:
         pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, spacing, recipe.refine_confidence)
         scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
-    return {"chosen": refine.choose(scores), "scores": scores, "seconds": time.monotonic() - t0}
+    return {"chosen": refine.choose(scores, margins={"grow": recipe.grow_margin}), "scores": scores,
+            "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows}
 
 
 def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:

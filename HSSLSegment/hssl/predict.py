@@ -25,7 +25,8 @@ SLAB_VOXELS = 48 * 2**20  # voxels per slab (about 200 MB of float32 input)
 SLAB_CLASSES = 3
 
 
-def _windows(shape, roi, overlap) -> int:
+def window_count(shape, roi, overlap) -> int:
+    """Sliding windows of size ``roi`` that cover ``shape`` at ``overlap`` (as MONAI places them)."""
     n = 1
     for s, r in zip(shape, roi):
         step = max(1, int(r * (1 - overlap)))
@@ -67,7 +68,7 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
     labels = np.zeros(image.shape, dtype=np.uint8 if classes < 256 else np.uint16)
     probs = np.zeros((classes, *image.shape), dtype=np.float16) if probabilities else None
     starts = list(range(0, nz, slab)) if nz > slab else [0]
-    total = sum(_windows((min(nz, s + slab + margin) - max(0, s - margin), *image.shape[1:]), roi, overlap)
+    total = sum(window_count((min(nz, s + slab + margin) - max(0, s - margin), *image.shape[1:]), roi, overlap)
                 for s in starts)
     done = [0]
     dtype = autocast_dtype(device, precision)

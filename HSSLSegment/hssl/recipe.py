@@ -41,6 +41,12 @@ class FinetuneRecipe:
     final_step: str = "network"
     refine_confidence: float = 0.9
     poor_heldout_dice: float = 0.5  # below this on the held-out slice a segment is reported as poorly learned
+    # The intensity-only candidate must beat the network's by this much on the held-out slice: it is
+    # scored on the network as trained with the slice left out, and the network keeps learning.
+    grow_margin: float = 0.05
+    # A time budget ends at the first prediction: training keeps back what the final prediction is
+    # estimated to take beyond this many seconds.
+    first_prediction_slack_s: float = 10.0
 
     def patch_voxels(self, device_type: str) -> int:
         return self.cpu_patch_voxels if device_type == "cpu" else self.gpu_patch_voxels

@@ -106,13 +106,16 @@ def slice_dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, classes: Seq
     return scores
 
 
-def choose(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATES) -> str:
-    """The candidate with the highest mean held-out Dice; ties go to the earlier one in ``order``."""
-    best, best_value = order[0], -1.0
+def choose(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATES,
+           margins: dict[str, float] | None = None) -> str:
+    """The candidate with the highest mean held-out Dice, less its handicap in ``margins``; ties go
+    to the earlier one in ``order``."""
+    margins = margins or {}
+    best, best_value = order[0], -np.inf
     for name in order:
         if name not in scores or not scores[name]:
             continue
-        value = float(np.mean(list(scores[name].values())))
+        value = float(np.mean(list(scores[name].values()))) - margins.get(name, 0.0)
         if value > best_value + 1e-9:
             best, best_value = name, value
     return best

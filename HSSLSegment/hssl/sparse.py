@@ -121,8 +121,10 @@ def check_covered(labels: np.ndarray, known: np.ndarray, axis_names: Sequence[st
 
 
 def choose_holdout(labels: np.ndarray, slices: Sequence[SliceRef]) -> SliceRef | None:
-    """With 3 or more annotated slices, the middle foreground-carrying slice of the orientation with
-    most slices, kept out of training to estimate quality; None when there are fewer."""
+    """With 3 or more annotated slices, a foreground-carrying slice of the orientation with most
+    slices, kept out of training to estimate quality; None when there are fewer, or when every such
+    slice holds the only painted voxels of some segment (holding it out would hide that segment
+    from most of the training). Among the eligible slices the one nearest the middle is taken."""
     if len(slices) < 3:
         return None
     by_axis: dict[int, list[SliceRef]] = {}
@@ -135,7 +137,14 @@ def choose_holdout(labels: np.ndarray, slices: Sequence[SliceRef]) -> SliceRef |
     candidates = sorted(by_axis[axis])
     if len(candidates) < 2:
         return None  # holding out the only foreground slice would leave nothing to learn from
-    return candidates[len(candidates) // 2]
+    present = {ref: set(np.unique(_slab(labels, ref.axis, ref.index)).tolist()) - {0} for ref in slices}
+    middle = (len(candidates) - 1) / 2
+    for i in sorted(range(len(candidates)), key=lambda i: (abs(i - middle), -i)):
+        ref = candidates[i]
+        elsewhere = set().union(*(present[r] for r in slices if r != ref))
+        if present[ref] <= elsewhere:
+            return ref
+    return None
 
 
 @dataclasses.dataclass

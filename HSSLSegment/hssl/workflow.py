@@ -16,7 +16,7 @@ from .finetune import FinetuneOptions, FinetuneResult, finetune
 from .io import (IMAGE_SUFFIXES, Labels, Volume, check_output, read_image, read_labels, write_labelmap,
                  write_prediction)
 from .model_store import Model, load_model, save_model
-from .predict import predict_array
+from .predict import predict_array, window_count
 from .progress import Eta, Progress
 from .recipe import DEFAULT_RECIPE, FinetuneRecipe
 from .sparse import Annotation, annotation_roi, resolve_annotation
@@ -121,10 +121,21 @@ class Prediction:
     final: str = "network"  # the last step that produced the labels (hssl.refine.CANDIDATES)
 
 
-def default_overlap(roi: tuple[slice, ...] | None) -> float:
-    """Sliding-window overlap: inside the small annotation region a denser window grid is cheap and
-    smooths window seams; over a whole volume MONAI's usual 0.25."""
-    return 0.5 if roi is not None else 0.25
+DENSE_WINDOWS = 64  # a region predicted at overlap 0.5 in at most this many windows takes seconds
+
+
+def default_overlap(roi: tuple[slice, ...] | None, patch: Sequence[int] | None = None) -> float:
+    """Sliding-window overlap: 0.5 inside a small annotation region (a denser window grid is cheap
+    there and smooths window seams), else MONAI's usual 0.25. A region as large as a whole brain
+    at a CPU patch needs about 300 windows at 0.5 but 90 at 0.25, which is what keeps the first
+    prediction within seconds of the budget."""
+    if roi is None:
+        return 0.25
+    if patch is not None:
+        extent = [r.stop - r.start for r in roi]
+        if window_count(extent, patch, 0.5) > DENSE_WINDOWS:
+            return 0.25
+    return 0.5
 
 
 def prediction_annotation(labels_path: str, geometry, use_roi: bool = True, slices: Sequence[str] | None = None):
@@ -151,7 +162,7 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     On GPU out-of-memory it retries one window at a time, then on the CPU."""
     progress = progress or Progress()
     if overlap is None:
-        overlap = default_overlap(roi)
+        overlap = default_overlap(roi, model.plan.patch_size)
     dev = resolve_device(device)
     if segments:
         have = [lab.name for lab in model.labels]

@@ -89,6 +89,9 @@ def test_slice_dice_and_choose():
     assert refine.choose(scores) == "network+grow"
     assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}) == "network"  # ties: the earlier one
     assert refine.choose({"network": {}, "grow": {1: 0.1}}) == "grow"
+    margins = {"grow": 0.05}
+    assert refine.choose({"network+grow": {1: 0.52}, "grow": {1: 0.55}}, margins=margins) == "network+grow"
+    assert refine.choose({"network+grow": {1: 0.52}, "grow": {1: 0.60}}, margins=margins) == "grow"
 
 
 def test_the_command_line_offers_every_candidate():

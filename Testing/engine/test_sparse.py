@@ -90,3 +90,16 @@ def test_holdout_needs_three_slices_and_keeps_two_with_foreground():
     assert choose_holdout(paint(full, two), two) is None
     three = [SliceRef(0, 8), SliceRef(0, 15), SliceRef(0, 22)]
     assert choose_holdout(paint(full, three), three) == SliceRef(0, 15)
+
+
+def test_holdout_never_hides_a_segment_painted_on_one_slice_only():
+    labels = np.zeros((30, 20, 20), np.uint8)
+    slices = [SliceRef(0, 5), SliceRef(0, 15), SliceRef(0, 25)]
+    for ref in slices:
+        labels[ref.index, 5:10, 5:10] = 1
+    labels[15, 12:15, 12:15] = 2  # segment 2 only on the middle slice
+    assert choose_holdout(labels, slices) == SliceRef(0, 25)  # nearest the middle that hides nothing
+    labels[25, 12:15, 2:4] = 3  # ... and segment 3 only on the last one
+    assert choose_holdout(labels, slices) == SliceRef(0, 5)
+    labels[5, 1:3, 1:3] = 4  # every slice now holds a segment of its own
+    assert choose_holdout(labels, slices) is None
