@@ -5,7 +5,7 @@ What is measured (issue 6), one heavy thing at a time, each in its own process s
 memory is its own:
 
 1. quality: N annotated axial slices of the reference label (spread through the structure as
-   ``hssl demo`` picks them: ``hssl.demo.pick_slices``) for budgets of 1, 2, 3, 5 slices and 5 %,
+   ``hssl demo`` picks them: ``hssl.fewslice.pick_slices``) for budgets of 1, 2, 3, 5 slices and 5 %,
    10 %, 100 % of the slices that contain the structure; inits (``scratch``, ``bundled`` when
    ``HSSLSegment/Resources/Models/default/model.json`` exists, or ``LABEL=PATH``); seeds. Dice and
    HD95 on the slices that were not annotated (when every slice with the structure is annotated,
@@ -278,7 +278,7 @@ def load_case(name: str, ct_source: str = "lung2", ct_shape=CT_SHAPE, with_ref: 
 
     ``ct512`` is ``ct_source`` tiled along z to ``ct_shape`` (a CT-sized volume made of real data)."""
     from hssl import data
-    from hssl.demo import CASES
+    from hssl.fewslice import SAMPLE_CASES as CASES
     from hssl.io import Geometry, Volume, read_image, read_labels
 
     if name == "ct512":
@@ -311,7 +311,7 @@ def structure_slices(ref: np.ndarray, axis: int) -> list[int]:
 def budget_slices(ref: np.ndarray, budget: str, axis: int = 0) -> list[int]:
     """The annotated slices for a budget: ``"3"`` slices or ``"10%"`` of the slices holding the
     structure (rounded up, at least 1; ``"100%"`` = all of them), spread by ``pick_slices``."""
-    from hssl.demo import pick_slices
+    from hssl.fewslice import pick_slices
 
     present = structure_slices(ref, axis)
     if budget.endswith("%"):
@@ -473,7 +473,7 @@ def w_quality(spec: dict) -> dict:
     import torch
 
     from hssl import postprocess
-    from hssl.demo import make_sparse
+    from hssl.fewslice import make_sparse
     from hssl.finetune import FinetuneOptions, finetune
     from hssl.io import LabelInfo, Labels
     from hssl.model_store import save_model
@@ -537,7 +537,7 @@ def w_baseline(spec: dict) -> dict:
     """Train with the plain MONAI pipeline (``train_baseline``) and save the model folder."""
     import torch
 
-    from hssl.demo import make_sparse
+    from hssl.fewslice import make_sparse
     from hssl.io import LabelInfo
     from hssl.model_store import save_model
     from hssl.normalize import for_modality
@@ -578,7 +578,7 @@ def w_predict(spec: dict) -> dict:
     import torch
 
     from hssl import postprocess
-    from hssl.demo import make_sparse
+    from hssl.fewslice import make_sparse
     from hssl.model_store import load_model
     from hssl.predict import predict_array
     from hssl.sparse import SliceRef, annotation_roi, known_mask
@@ -838,7 +838,7 @@ def run_cli(case: str, slices: list[int], budget: dict, s: Settings, work: Path)
     """``hssl finetune ... --predict`` as a user's button press: wall time from launch to the
     written prediction, with the timeline from ``--progress-json`` and the process's peak RSS."""
     from hssl import data
-    from hssl.demo import make_sparse
+    from hssl.fewslice import make_sparse
     from hssl.io import LabelInfo, write_labelmap, write_segmentation
 
     folder = work / f"cli-{case}"
@@ -1295,7 +1295,7 @@ def markdown(results: dict) -> str:
                                     f"{meta['bundled_model']['weights_sha256']})" if meta.get("bundled_model")
                                     else "none"), ""]
     lines += ["## 1. Few-slice quality", "",
-              "Annotation: axial slices of the reference label spread through the structure (`hssl.demo.pick_slices`); "
+              "Annotation: axial slices of the reference label spread through the structure (`hssl.fewslice.pick_slices`); "
               "budgets in % are of the slices that contain the structure, rounded up. **Dice/HD95** on the slices that "
               "were not annotated, after hssl's post-processing (the output equals the annotation on annotated slices, "
               "components not touching a painted voxel are removed); when every slice with the structure is annotated "
