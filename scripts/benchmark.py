@@ -1369,9 +1369,10 @@ def markdown(results: dict) -> str:
               "during the prediction (imports and the loaded volume included), *increase* = peak minus the RSS just "
               "before. `ours-roi`: hssl in the region of the annotation + post-processing (the product); `ours-full`: "
               "hssl over the whole volume (slabs, Gaussian blending); `monai-swi`: MONAI's default "
-              "`sliding_window_inference` over the whole volume, argmax. Predictions under "
-              f"{REPEAT_BELOW_CPU_S:.0f} s of CPU time ran up to {s['predict_repeats']} times, each in a new process: "
-              "the minimum of each measure is shown (*runs*), every value is in results.json.", "",
+              "`sliding_window_inference` over the whole volume, argmax. "
+              + (f"Predictions under {REPEAT_BELOW_CPU_S:.0f} s of CPU time ran up to {s['predict_repeats']} times, "
+                 "each in a new process: the minimum of each measure is shown (*runs*), every value is in "
+                 "results.json." if s["predict_repeats"] > 1 else "Each prediction ran once."), "",
               "| volume | method | model | wall s | CPU s | peak RSS MB | increase MB | Dice | scored on | runs | "
               "device |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["prediction"]:
@@ -1719,7 +1720,11 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
 def rewrite_reports(results_path: Path, out: Path | None) -> int:
     """Re-derive summaries, comparisons, targets and every report from a results.json."""
     results = json.loads(results_path.read_text())
-    names = {f.name for f in dataclasses.fields(Settings)}
+    # A run made before a setting existed ran with that setting's default (e.g. no repeated predictions).
+    fields = dataclasses.fields(Settings)
+    results["settings"] = {**{f.name: f.default for f in fields if f.default is not dataclasses.MISSING},
+                           **results["settings"]}
+    names = {f.name for f in fields}
     settings = {**dataclasses.asdict(mode_settings(results["settings"]["mode"])),
                 **{k: v for k, v in results["settings"].items() if k in names}}
     s = Settings(**settings)
