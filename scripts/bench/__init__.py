@@ -1,0 +1,1 @@
+"""The benchmark package behind scripts/benchmark.py."""
