@@ -180,19 +180,28 @@ def sample_case(name: str, slices: int | Sequence[int], axis: int | str = "axial
 
 
 def score(case: FewSliceCase, prediction: np.ndarray, hd95: bool = True) -> dict:
-    """Score a ``[z, y, x]`` prediction (label values as in the reference) on ``case.region``.
+    """Score a ``[z, y, x]`` prediction (label values as in the reference) on ``case.region``:
+    ``score_labels`` plus ``scored_on`` (``unannotated slices`` or ``whole volume``)."""
+    if np.shape(prediction) != case.sparse.shape:
+        raise HSSLError(f"the prediction has shape {np.shape(prediction)} but the case {case.sparse.shape}")
+    return {**score_labels(prediction, case.reference, case.volume.geometry, case.region, hd95),
+            "scored_on": case.scored_on}
+
+
+def score_labels(prediction: np.ndarray, reference: Labels, geometry: Geometry, region: np.ndarray | None = None,
+                 hd95: bool = True) -> dict:
+    """Dice and HD95 of a ``[z, y, x]`` prediction against ``reference`` inside ``region`` (boolean
+    ``[z, y, x]``; None = everywhere), per class of the reference's table.
 
     Returns ``dice`` and ``hd95_mm`` (the mean over the classes where they are defined; None when
     none is), ``classes`` (per class: name, value, dice, hd95_mm, reference and predicted voxels in
-    the region), ``scored_on`` and ``dice_volume`` (the mean per-class Dice over the whole volume,
-    painted slices included). Dice is None for a class absent from both; HD95 (mm, ``hssl.evaluate``)
-    is None when either is empty, and is skipped (None) with ``hd95=False``, e.g. for huge volumes."""
+    the region) and ``dice_volume`` (the mean per-class Dice over the whole volume). Dice is None for
+    a class absent from both; HD95 (mm, ``hssl.evaluate``) is None when either is empty, and is
+    skipped (None) with ``hd95=False``, e.g. for huge volumes."""
     prediction = np.asarray(prediction)
-    if prediction.shape != case.sparse.shape:
-        raise HSSLError(f"the prediction has shape {prediction.shape} but the case {case.sparse.shape}")
-    ref, table, region = case.reference.array, case.reference.labels, case.region
+    ref, table = reference.array, reference.labels
     if hd95:
-        classes = evaluate(prediction, ref, case.volume.geometry, table, region)["labels"]
+        classes = evaluate(prediction, ref, geometry, table, region)["labels"]
     else:
         inside = np.ones(ref.shape, dtype=bool) if region is None else region
         classes = [{"name": lab.name, "value": lab.value, "dice": dice((prediction == lab.value) & inside,
@@ -201,7 +210,7 @@ def score(case: FewSliceCase, prediction: np.ndarray, hd95: bool = True) -> dict
                     "pred_voxels": int(np.count_nonzero((prediction == lab.value) & inside))} for lab in table]
     volume_dice = [dice(prediction == lab.value, ref == lab.value) for lab in table]
     return {"dice": _mean([c["dice"] for c in classes]), "hd95_mm": _mean([c["hd95_mm"] for c in classes]),
-            "classes": classes, "scored_on": case.scored_on, "dice_volume": _mean(volume_dice)}
+            "classes": classes, "dice_volume": _mean(volume_dice)}
 
 
 def _mean(values: list) -> float | None:

@@ -1,5 +1,6 @@
 """The benchmark's volumes: the sample scans, a CT-sized volume tiled from one, and the synthetic
-volumes of the tiny mode; the annotated slices of each budget; scoring."""
+volumes of the tiny mode; the annotated slices of each budget. Cases and scores are
+``hssl.fewslice``'s."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,9 @@ import math
 import numpy as np
 
 from .settings import CT_SHAPE
+
+LESION_COLOUR = (0.90, 0.35, 0.25)
+SCORE_KEYS = ("dice", "hd95_mm", "scored_on", "dice_volume")  # what a results row keeps of a score
 
 
 def synthetic_case(seed: int):
@@ -30,8 +34,8 @@ def load_case(name: str, ct_source: str = "lung2", ct_shape=CT_SHAPE, with_ref: 
 
     ``ct512`` is ``ct_source`` tiled along z to ``ct_shape`` (a CT-sized volume made of real data)."""
     from hssl import data
-    from hssl.fewslice import SAMPLE_CASES as CASES
-    from hssl.io import Geometry, Volume, read_image, read_labels
+    from hssl.fewslice import SAMPLE_CASES, load_sample
+    from hssl.io import Geometry, Volume, read_image
 
     if name == "ct512":
         volume, ref, axis, structure = load_case(ct_source, with_ref=with_ref)
@@ -47,23 +51,33 @@ def load_case(name: str, ct_source: str = "lung2", ct_shape=CT_SHAPE, with_ref: 
         size = (image.shape[2], image.shape[1], image.shape[0])
         geometry = Geometry(size, spacing, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
         return Volume(image, geometry, name), (ref if with_ref else None), 0, "lesion"
-    volume = read_image(data.sample_path(f"{name}_image.nrrd"))
-    ref = None
     if with_ref:
-        ref = (read_labels(data.sample_path(f"{name}_label.nrrd"), volume.geometry).array > 0).astype(np.uint8)
+        volume, labels = load_sample(name)
+        ref = labels.array
+    else:
+        volume, ref = read_image(data.sample_path(f"{name}_image.nrrd")), None
     axis = volume.geometry.axis_names().index("axial")
-    return volume, ref, axis, CASES.get(name, "structure")
+    return volume, ref, axis, SAMPLE_CASES.get(name, "structure")
 
 
-def structure_slices(ref: np.ndarray, axis: int) -> list[int]:
-    other = tuple(a for a in range(3) if a != axis)
-    return [int(i) for i in np.nonzero(ref.any(axis=other))[0]]
+def reference_labels(ref: np.ndarray, structure: str):
+    """A benchmark volume's binary ``[z, y, x]`` reference as ``hssl.io.Labels``: one segment."""
+    from hssl.io import LabelInfo, Labels
+
+    return Labels(ref, [LabelInfo(structure, 1, LESION_COLOUR)])
+
+
+def few_case(volume, ref: np.ndarray, structure: str, slices, axis: int):
+    """The ``hssl.fewslice`` case of a benchmark volume: ``slices`` (a list) painted along ``axis``."""
+    from hssl.fewslice import make_case
+
+    return make_case(volume, reference_labels(ref, structure), slices, axis)
 
 
 def budget_slices(ref: np.ndarray, budget: str, axis: int = 0) -> list[int]:
     """The annotated slices for a budget: ``"3"`` slices or ``"10%"`` of the slices holding the
     structure (rounded up, at least 1; ``"100%"`` = all of them), spread by ``pick_slices``."""
-    from hssl.fewslice import pick_slices
+    from hssl.fewslice import pick_slices, structure_slices
 
     present = structure_slices(ref, axis)
     if budget.endswith("%"):
@@ -75,22 +89,3 @@ def budget_slices(ref: np.ndarray, budget: str, axis: int = 0) -> list[int]:
     if n >= len(present):
         return present
     return pick_slices(ref, n, axis)
-
-
-def score(pred: np.ndarray, ref: np.ndarray, geometry, slices: list[int], axis: int, hd95: bool = True) -> dict:
-    """Dice/HD95 on the unannotated slices, or on the whole volume when every slice with the
-    structure is annotated; plus the whole-volume Dice."""
-    from hssl.evaluate import dice, evaluate
-    from hssl.io import LabelInfo
-    from hssl.sparse import SliceRef, known_mask
-
-    covers_all = set(structure_slices(ref, axis)) <= set(slices)
-    region = None if covers_all else ~known_mask(ref.shape, [SliceRef(axis, s) for s in slices])
-    if hd95:
-        row = evaluate(pred, ref, geometry, [LabelInfo("structure", 1, (1.0, 0.0, 0.0))], region)["labels"][0]
-        d, h = row["dice"], row["hd95_mm"]
-    else:
-        r = np.ones(ref.shape, dtype=bool) if region is None else region
-        d, h = dice((pred > 0) & r, (ref > 0) & r), None
-    return {"dice": d, "hd95_mm": h, "scored_on": "whole volume" if covers_all else "unannotated slices",
-            "dice_volume": dice(pred > 0, ref > 0)}

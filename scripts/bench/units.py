@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import monai_normalisation, monai_predict, train_baseline
-from .cases import load_case, score, structure_slices
+from .cases import SCORE_KEYS, few_case, load_case, reference_labels
 from .measure import heldout_curve, peak_mb, reset_peak, rss_mb, time_to_fraction
 from .settings import CT_SHAPE, REPO
 
@@ -30,51 +30,43 @@ def _spec_case(spec: dict, name: str | None = None, with_ref: bool = True):
 
 
 def w_quality(spec: dict) -> dict:
-    """Fine-tune on the annotated slices (hssl.finetune), predict in the annotation region with
-    post-processing (what ``hssl finetune --predict`` does), score; optionally save the model."""
-    import torch
-
-    from hssl import postprocess
-    from hssl.fewslice import make_sparse
+    """Fine-tune on the annotated slices and predict as ``hssl finetune --predict`` does
+    (``hssl.finetune.finetune``, then ``hssl.workflow.predict_volume`` with the annotation: in its
+    region, post-processed), score; optionally save the model."""
+    from hssl.fewslice import score
     from hssl.finetune import FinetuneOptions, finetune
-    from hssl.io import LabelInfo, Labels
     from hssl.model_store import save_model
-    from hssl.predict import predict_array
     from hssl.progress import Progress
-    from hssl.sparse import resolve_annotation
+    from hssl.workflow import predict_volume
 
     startup = time.time() - spec["launched"]
     threads = _threads(spec)
     t = time.perf_counter()
     volume, ref, axis, structure = _spec_case(spec)
-    names = volume.geometry.axis_names()
-    slices = spec["slices"]
-    sparse = make_sparse(ref, slices, axis)
+    case = few_case(volume, ref, structure, spec["slices"], axis)
+    slices = case.slices
     load_s = time.perf_counter() - t
-    annotation = resolve_annotation(sparse, names, [f"{names[axis]}:{','.join(str(s) for s in slices)}"])
-    table = [LabelInfo(structure, 1, (0.90, 0.35, 0.25))]
     scope = reset_peak()
     opts = FinetuneOptions(steps=spec.get("steps"), time_budget=spec.get("time_budget"), device=spec["device"],
                            seed=spec["seed"], init=spec["init_value"], lr=spec.get("lr"))
+    quiet = Progress(bar=False)
     t, c = time.perf_counter(), time.process_time()
-    result = finetune(volume, Labels(sparse, table), annotation, opts, Progress(bar=False))
+    result = finetune(volume, case.labels, case.annotation, opts, quiet)
     finetune_s, finetune_cpu = time.perf_counter() - t, time.process_time() - c
     peak_finetune = peak_mb()
-    device = torch.device(result.model.meta["training"]["device"])
+    device = result.model.meta["training"]["device"]
     t, c = time.perf_counter(), time.process_time()
-    x = result.model.normalization.apply(volume.array)
-    raw, _ = predict_array(result.model, x, device, overlap=0.5 if result.roi is not None else 0.25, roi=result.roi)
-    del x
-    pred = postprocess.apply(raw, sparse, annotation.known, "annotated-components")
+    pred = predict_volume(result.model, volume, device, progress=quiet, annotation=result.annotation,
+                          roi=result.roi).labels
     predict_s, predict_cpu = time.perf_counter() - t, time.process_time() - c
     peak = peak_mb()
     if spec.get("save"):
         m = result.model
         save_model(spec["save"], m.net, m.labels, m.normalization, m.meta, overwrite=True)
     row = {"case": spec["case"], "budgets": spec["budgets"], "slices": slices,
-           "n_slices": len(slices), "structure_slices": len(structure_slices(ref, axis)),
+           "n_slices": len(slices), "structure_slices": len(case.structure_slices),
            "init": spec["init"], "lr": result.model.meta["training"]["lr"], "seed": spec["seed"],
-           "device": device.type, "threads": threads,
+           "device": device, "threads": threads,
            "steps": result.steps, "finetune_s": round(finetune_s, 2),
            "steps_per_s": round(result.steps / finetune_s, 3),
            "predict_s": round(predict_s, 2), "load_s": round(load_s, 2), "startup_s": round(startup, 2),
@@ -88,9 +80,10 @@ def w_quality(spec: dict) -> dict:
            "peak_scope": "finetune+predict" if scope else "process lifetime",
            "volume_shape": list(volume.array.shape)}
     if spec.get("score", True):
-        s = score(pred, ref, volume.geometry, slices, axis)
-        raw_s = score(raw, ref, volume.geometry, slices, axis, hd95=False)
-        row.update(s)
+        # The network alone (no annotation overwrite, no post-processing) in the same region: "raw".
+        raw = predict_volume(result.model, volume, device, progress=quiet, roi=result.roi).labels
+        s, raw_s = score(case, pred), score(case, raw, hd95=False)
+        row.update({k: s[k] for k in SCORE_KEYS})
         row.update({"dice_raw": raw_s["dice"], "dice_volume_raw": raw_s["dice_volume"]})
     return row
 
@@ -134,49 +127,56 @@ def w_predict(spec: dict) -> dict:
     """Predict one volume with one method and model; time and peak RSS of the prediction alone
     (normalisation included), then the score.
 
-    ``ours-roi``: hssl.predict in the region of the annotation + post-processing (the product);
-    ``ours-full``: hssl.predict over the whole volume (slabs, Gaussian blending);
-    ``monai-swi``: MONAI's default sliding_window_inference over the whole volume."""
+    ``ours-roi``: the product's prediction (``hssl.workflow.predict_volume`` with the annotation:
+    in its region, post-processed); ``ours-full``: ``predict_volume`` over the whole volume (slabs,
+    Gaussian blending); ``monai-swi``: MONAI's default sliding_window_inference over the whole volume."""
     import torch
 
     from hssl import postprocess
-    from hssl.fewslice import make_sparse
+    from hssl.fewslice import score, score_labels
     from hssl.model_store import load_model
     from hssl.predict import predict_array
-    from hssl.sparse import SliceRef, annotation_roi, known_mask
+    from hssl.progress import Progress
+    from hssl.sparse import annotation_roi
+    from hssl.workflow import predict_volume
 
     threads = _threads(spec)
     method = spec["method"]
     device = torch.device(spec["device"] if spec["device"] != "auto" else "cpu")
     model = load_model(spec["model"], device)
-    volume, ref, axis, _ = _spec_case(spec, with_ref=method == "ours-roi")
+    volume, ref, axis, structure = _spec_case(spec, with_ref=method == "ours-roi")
     sparse = known = None
     if method == "ours-roi":  # the annotation is an input of the product's prediction
-        slices = spec["slices"]
-        sparse = make_sparse(ref, slices, axis)
-        known = known_mask(ref.shape, [SliceRef(axis, s) for s in slices])
-        ref = None
+        case = few_case(volume, ref, structure, spec["slices"], axis)
+        sparse, known = case.sparse, case.annotation.known
+        case = ref = None  # the reference has no part in the measured prediction
+    hssl_normalised = spec.get("normalisation", "hssl") == "hssl"
+    quiet = Progress(bar=False)
     scope = reset_peak()
     before = rss_mb()
     t, c = time.perf_counter(), time.process_time()
-    if spec.get("normalisation", "hssl") == "hssl":
-        x = model.normalization.apply(volume.array)
-    else:
-        x = monai_normalisation(model.normalization.scheme)({"image": volume.array[None]})["image"][0]
-        x = np.asarray(x, dtype=np.float32)
-    if method == "ours-roi":
-        roi = annotation_roi(sparse, known, model.plan.spacing)
-        labels, _ = predict_array(model, x, device, overlap=0.5, roi=roi)
-        labels = postprocess.apply(labels, sparse, known, "annotated-components")
+    if method == "ours-roi" and hssl_normalised:
+        roi = annotation_roi(sparse, known, tuple(reversed(volume.geometry.spacing)))
+        labels = predict_volume(model, volume, device.type, progress=quiet, annotation=(sparse, known), roi=roi).labels
     elif method == "ours-full":
-        labels, _ = predict_array(model, x, device, overlap=0.25)
-    elif method == "monai-swi":
-        labels = monai_predict(model.net, x, device)
+        labels = predict_volume(model, volume, device.type, progress=quiet).labels
+    elif method in ("ours-roi", "monai-swi"):
+        if hssl_normalised:
+            x = model.normalization.apply(volume.array)
+        else:
+            x = monai_normalisation(model.normalization.scheme)({"image": volume.array[None]})["image"][0]
+            x = np.asarray(x, dtype=np.float32)
+        if method == "monai-swi":
+            labels = monai_predict(model.net, x, device)
+        else:  # the MONAI-trained weights on MONAI-normalised input, in the product's region
+            roi = annotation_roi(sparse, known, model.plan.spacing)
+            labels, _ = predict_array(model, x, device, overlap=0.5, roi=roi)
+            labels = postprocess.apply(labels, sparse, known, "annotated-components")
+        del x
     else:
         raise ValueError(f"unknown method {method}")
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
     peak = peak_mb()
-    del x
     row = {"volume": spec["case"], "method": method, "model": spec["model_label"], "device": device.type,
            "threads": threads, "shape": list(volume.array.shape), "predict_s": round(seconds, 2),
            "predict_cpu_s": round(cpu, 2),
@@ -184,11 +184,14 @@ def w_predict(spec: dict) -> dict:
            "peak_increase_mb": round(peak - before) if before else None,
            "peak_scope": "prediction" if scope else "process lifetime"}
     if spec.get("score", True):
-        _, ref, axis, _ = _spec_case(spec)
+        _, ref, axis, structure = _spec_case(spec)
         big = ref.size > 50e6
-        row.update(score(labels, ref, volume.geometry, spec.get("slices") or [], axis, hd95=not big))
-        if spec.get("slices") is None:
-            row["scored_on"] = "whole volume (not annotated)"
+        if spec.get("slices") is None:  # a volume nobody annotated: scored everywhere
+            s = {**score_labels(labels, reference_labels(ref, structure), volume.geometry, hd95=not big),
+                 "scored_on": "whole volume (not annotated)"}
+        else:
+            s = score(few_case(volume, ref, structure, spec["slices"], axis), labels, hd95=not big)
+        row.update({k: s[k] for k in SCORE_KEYS})
     return row
 
 
