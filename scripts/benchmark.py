@@ -15,10 +15,9 @@ memory is its own:
    held-out Dice (from the training log), prediction time and peak RSS for the sample scans and
    for a CT-sized 512 x 512 x 300 volume (lung2 tiled along z); plus one real ``hssl finetune
    --predict`` command timed from launch to the written prediction.
-3. the baseline: the same ``SegNet`` trained with a plain MONAI pipeline (``CacheDataset``,
-   ``RandCropByPosNegLabeld`` crops from the whole volume, the same augmentations and optimiser,
-   the same masked loss, the same number of steps) and applied with MONAI's default
-   ``sliding_window_inference`` on the whole volume (no ROI, no post-processing).
+3. the baseline: a plain MONAI pipeline (``bench/baselines.py``: MONAI's ``UNet``, MONAI
+   transforms, crops centred on painted voxels, the masked loss, the same number of steps) applied
+   with MONAI's default ``sliding_window_inference`` on the whole volume (no ROI, no post-processing).
 4. pretraining throughput: steps/s with the real batch loader (``hssl.pretrain.sampling``) versus
    batches already in memory.
 
@@ -31,6 +30,8 @@ threads, torch/MONAI versions and the git commit.
     python scripts/benchmark.py --mode full          # all cases, budgets, seeds (hours on a CPU)
     python scripts/benchmark.py --mode tiny          # synthetic volume, a few steps (the test)
     python scripts/benchmark.py --only quality --cases brain1 --budgets 3 --steps 100
+
+The code is the package ``scripts/bench/`` (docs/benchmarks.md lists its files).
 
 Sample scans: ``hssl data fetch`` once (the default and full modes need them; tiny does not).
 """

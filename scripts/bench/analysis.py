@@ -95,9 +95,12 @@ def compare(results: dict) -> list[dict]:
                     "ours_cpu_s": q["finetune_cpu_s"], "baseline_cpu_s": b["train_cpu_s"],
                     "ours_s": q["finetune_s"], "baseline_s": b["train_s"], "ours_rss_mb": q["peak_rss_finetune_mb"],
                     "baseline_rss_mb": b["peak_rss_train_mb"], "dice_diff": _diff(q.get("dice"), b.get("dice")),
-                    "dice_diff_same_inference": _diff(q.get("dice"), b.get("dice_with_hssl_inference")),
                     "ours_dice": q.get("dice"), "baseline_dice": b.get("dice"), "device": q["device"],
                     "baseline_crops_without_known_voxel": b["crops_without_known_voxel"]})
+        if "dice_with_hssl_inference" in b:  # runs whose baseline trained our network could also use our inference
+            out[-1]["dice_diff_same_inference"] = _diff(q.get("dice"), b["dice_with_hssl_inference"])
+        if "patch" in b:
+            out[-1].update({"ours_steps": q["steps"], "baseline_steps": b["steps"], "baseline_patch": b["patch"]})
     return out
 
 

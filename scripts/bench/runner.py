@@ -49,34 +49,46 @@ class Runner:
     def once(self, kind: str, spec: dict) -> dict:
         self.count += 1
         name = f"{self.count:03d}-{kind}-{spec.get('tag', '')}".replace("/", "_").replace("%", "pc")
-        result = self.work / "units" / f"{name}.json"
-        log = self.work / "logs" / f"{name}.log"
         spec = {**spec, "threads": self.s.threads, "device": self.s.device, "work": str(self.work),
                 "ct_source": self.s.ct_source, "ct_shape": list(self.s.ct_shape), "launched": time.time()}
-        t = time.perf_counter()
-        if self.s.isolation == "fork":
-            import multiprocessing
+        return run_process(kind, spec, name, self.work, self.s.threads, self.s.isolation)
 
-            proc = multiprocessing.get_context("fork").Process(target=run_unit, args=(kind, spec, str(result), str(log)))
-            proc.start()
-            proc.join()
-            code = proc.exitcode
-        else:
-            spec_path = self.work / "units" / f"{name}.spec.json"
-            spec_path.write_text(json.dumps(spec))
-            code = subprocess.call([sys.executable, str(SCRIPT), "--worker", kind, str(spec_path),
-                                    str(result)], env=child_env(self.s.threads))
-        wall = time.perf_counter() - t
-        if result.exists():
-            row = json.loads(result.read_text())
-        else:
-            tail = log.read_text()[-1500:] if log.exists() else ""
-            row = {"error": f"the {kind} worker exited with code {code} without a result", "traceback": tail}
-        row["wall_s"] = round(wall, 1)
-        row["unit"] = name
-        status = f"ERROR {row['error']}" if "error" in row else "ok"
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {status} ({wall:.0f} s)", flush=True)
-        return row
+
+def run_process(kind: str, spec: dict, name: str, work: Path, threads: int, isolation: str = "spawn",
+                env: dict | None = None) -> dict:
+    """Run one unit (``units.run_unit``) in a new process: a fresh interpreter of ``SCRIPT --worker``
+    (``spawn``) or a forked child (``fork``, CPU only). Its row comes back through a JSON file in
+    ``work/units``, its output goes to ``work/logs/NAME.log``; a unit that leaves no row becomes an
+    error row with the end of its log. ``env``: extra environment variables of a spawned unit."""
+    result = work / "units" / f"{name}.json"
+    log = work / "logs" / f"{name}.log"
+    for folder in (result.parent, log.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    result.unlink(missing_ok=True)
+    t = time.perf_counter()
+    if isolation == "fork":
+        import multiprocessing
+
+        proc = multiprocessing.get_context("fork").Process(target=run_unit, args=(kind, spec, str(result), str(log)))
+        proc.start()
+        proc.join()
+        code = proc.exitcode
+    else:
+        spec_path = work / "units" / f"{name}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        code = subprocess.call([sys.executable, str(SCRIPT), "--worker", kind, str(spec_path), str(result)],
+                               env={**child_env(threads), **(env or {})})
+    wall = time.perf_counter() - t
+    if result.exists():
+        row = json.loads(result.read_text())
+    else:
+        tail = log.read_text()[-1500:] if log.exists() else ""
+        row = {"error": f"the {kind} worker exited with code {code} without a result", "traceback": tail}
+    row["wall_s"] = round(wall, 1)
+    row["unit"] = name
+    status = f"ERROR {row['error']}" if "error" in row else "ok"
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {status} ({wall:.0f} s)", flush=True)
+    return row
 
 
 def child_env(threads: int) -> dict:
@@ -228,19 +240,12 @@ def run(s: Settings, out: Path, work: Path) -> dict:
                                               "steps": s.steps, "save": str(save)})
                     results["baseline"].append(row)
                     if "error" not in row:
-                        p = runner("predict", {"tag": f"{case}-monai-baseline-s{seed}-{len(slices)}", "case": case,
-                                               "method": "monai-swi", "model": str(save), "normalisation": "monai",
-                                               "model_label": f"MONAI baseline ({len(slices)} slices)",
+                        p = runner("predict", {"tag": f"{case}-monai-pipeline-s{seed}-{len(slices)}", "case": case,
+                                               "method": "monai-swi", "model": str(save), "pipeline": "monai-unet",
+                                               "model_label": f"MONAI pipeline ({len(slices)} slices)",
                                                "slices": list(slices)})
-                        # The baseline's weights with hssl's inference (region + post-processing): the Dice
-                        # difference that the training pipeline alone makes.
-                        h = runner("predict", {"tag": f"{case}-baseline-weights-hssl-inference-s{seed}-{len(slices)}",
-                                               "case": case, "method": "ours-roi", "model": str(save),
-                                               "normalisation": "monai", "slices": list(slices),
-                                               "model_label": f"MONAI baseline ({len(slices)} slices)"})
-                        row["dice_with_hssl_inference"] = h.get("dice")
                         if slices == three[case] and seed == seed0 and case in s.predict_cases:
-                            results["prediction"] += [p, h]  # also the baseline's rows of the prediction table
+                            results["prediction"].append(p)  # also the baseline's row of the prediction table
                         row.update({"predict_s": p.get("predict_s"), "peak_rss_predict_mb": p.get("peak_rss_mb"),
                                     **{k: p.get(k) for k in ("dice", "hd95_mm", "scored_on", "dice_volume")}})
                         if "error" in p:
@@ -255,12 +260,9 @@ def run(s: Settings, out: Path, work: Path) -> dict:
                 continue
             common = {"case": case, "model": str(ours), "model_label": f"ours ({init_value(init0)[0]}, 3 slices)",
                       "slices": list(three[case])}
-            methods = [("ours-roi", "hssl")]
-            if case in s.whole_volume_cases:
-                methods += [("ours-full", "hssl"), ("monai-swi", "hssl")]
-            for method, norm in methods:
-                results["prediction"].append(runner("predict", {**common, "tag": f"{case}-{method}", "method": method,
-                                                                "normalisation": norm}))
+            methods = ["ours-roi"] + (["ours-full", "monai-swi"] if case in s.whole_volume_cases else [])
+            for method in methods:
+                results["prediction"].append(runner("predict", {**common, "tag": f"{case}-{method}", "method": method}))
                 save_partial()
         # The CT-sized volume: our product path, our whole-volume path and MONAI's, same weights.
         ours = model_dir(s.ct_source, init0, seed0)
@@ -268,7 +270,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
             common = {"case": "ct512", "model": str(ours), "slices": list(three[s.ct_source]),
                       "model_label": f"ours ({init_value(init0)[0]}, 3 slices of {s.ct_source})"}
             for method in s.ct_methods:
-                spec = {**common, "tag": f"ct512-{method}", "method": method, "normalisation": "hssl"}
+                spec = {**common, "tag": f"ct512-{method}", "method": method}
                 if method != "ours-roi":
                     spec["slices"] = None  # whole volume, no annotation
                 results["prediction"].append(runner("predict", spec))
@@ -283,7 +285,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
                         continue
                     row = runner("predict", {"tag": f"cross-{source}-{target}-{init_value(init)[0]}-s{seed}",
                                              "case": target, "method": "ours-full", "model": str(model),
-                                             "model_label": f"{source}, 3 slices", "normalisation": "hssl",
+                                             "model_label": f"{source}, 3 slices",
                                              "slices": None})
                     row.update({"source": source, "target": target, "init": init_value(init)[0], "seed": seed,
                                 "source_slices": list(three[source])})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import monai_normalisation, monai_predict, train_baseline
+from .baselines import MonaiModel, monai_predict, predict_monai, train_monai
 from .cases import SCORE_KEYS, few_case, load_case, reference_labels
 from .measure import heldout_curve, peak_mb, reset_peak, rss_mb, time_to_fraction
 from .settings import CT_SHAPE, REPO
@@ -89,38 +89,29 @@ def w_quality(spec: dict) -> dict:
 
 
 def w_baseline(spec: dict) -> dict:
-    """Train with the plain MONAI pipeline (``train_baseline``) and save the model folder."""
+    """Train the plain MONAI pipeline (``baselines.train_monai``) for the spec's steps or seconds and
+    save it (``MonaiModel.save``) for the prediction units."""
     import torch
 
-    from hssl.fewslice import make_sparse
-    from hssl.io import LabelInfo
-    from hssl.model_store import save_model
     from hssl.normalize import for_modality
-    from hssl.plan import CPU_PATCH_VOXELS, DEFAULT_PATCH_VOXELS, make_plan
-    from hssl.sparse import SliceRef, known_mask
 
     threads = _threads(spec)
     volume, ref, axis, structure = _spec_case(spec)
-    slices = spec["slices"]
-    sparse = make_sparse(ref, slices, axis)
-    known = known_mask(ref.shape, [SliceRef(axis, s) for s in slices])
+    case = few_case(volume, ref, structure, spec["slices"], axis)
     device = torch.device(spec["device"] if spec["device"] != "auto" else "cpu")
-    normalization = for_modality("auto", volume.array)
-    voxels = CPU_PATCH_VOXELS if device.type == "cpu" else DEFAULT_PATCH_VOXELS
-    plan = make_plan(tuple(reversed(volume.geometry.spacing)), volume.array.shape, voxels)  # = hssl's scratch plan
+    scheme = for_modality("auto", volume.array).scheme  # CT or not: what a MONAI user knows of the scan
     scope = reset_peak()
-    net, log, seconds, cpu, empty = train_baseline(volume.array, sparse, known, normalization.scheme, plan,
-                                                   spec["steps"], spec["seed"], device)
+    model, info = train_monai(volume.array, case.sparse, case.annotation.known, tuple(reversed(volume.geometry.spacing)),
+                              scheme, spec["seed"], device,
+                              time_budget=spec.get("time_budget"), steps=spec.get("steps"))
     peak = peak_mb()
-    table = [LabelInfo(structure, 1, (0.30, 0.45, 0.90))]
-    meta = {"training": {"pipeline": "monai-baseline", "steps": len(log), "seconds": round(seconds, 1),
-                         "seed": spec["seed"], "annotated_slices": slices, "log": log[:: max(1, len(log) // 50)]}}
-    save_model(spec["save"], net.to("cpu"), table, normalization, meta, overwrite=True)
-    return {"case": spec["case"], "budgets": spec["budgets"], "slices": slices, "n_slices": len(slices),
-            "seed": spec["seed"], "device": device.type, "threads": threads, "steps": len(log),
-            "train_s": round(seconds, 2), "train_cpu_s": round(cpu, 2), "steps_per_s": round(len(log) / seconds, 3),
-            "crops_without_known_voxel": round(empty, 3), "peak_rss_train_mb": round(peak),
-            "peak_scope": "training" if scope else "process lifetime"}
+    model.save(spec["save"])
+    steps, seconds = info["steps"], info["seconds"]
+    return {"case": spec["case"], "budgets": spec["budgets"], "slices": case.slices, "n_slices": len(case.slices),
+            "seed": spec["seed"], "pipeline": "monai-unet", "device": device.type, "threads": threads,
+            "steps": steps, "patch": info["patch"], "working_shape": info["working_shape"], "train_s": round(seconds, 2), "train_cpu_s": round(info["cpu_s"], 2),
+            "steps_per_s": round(steps / seconds, 3), "crops_without_known_voxel": round(info["crops_without_known_voxel"], 3),
+            "peak_rss_train_mb": round(peak), "peak_scope": "training" if scope else "process lifetime"}
 
 
 def w_predict(spec: dict) -> dict:
@@ -132,10 +123,8 @@ def w_predict(spec: dict) -> dict:
     Gaussian blending); ``monai-swi``: MONAI's default sliding_window_inference over the whole volume."""
     import torch
 
-    from hssl import postprocess
     from hssl.fewslice import score, score_labels
     from hssl.model_store import load_model
-    from hssl.predict import predict_array
     from hssl.progress import Progress
     from hssl.sparse import annotation_roi
     from hssl.workflow import predict_volume
@@ -143,36 +132,29 @@ def w_predict(spec: dict) -> dict:
     threads = _threads(spec)
     method = spec["method"]
     device = torch.device(spec["device"] if spec["device"] != "auto" else "cpu")
-    model = load_model(spec["model"], device)
+    monai_pipeline = spec.get("pipeline") == "monai-unet"
+    model = MonaiModel.load(spec["model"]) if monai_pipeline else load_model(spec["model"], device)
     volume, ref, axis, structure = _spec_case(spec, with_ref=method == "ours-roi")
     sparse = known = None
     if method == "ours-roi":  # the annotation is an input of the product's prediction
         case = few_case(volume, ref, structure, spec["slices"], axis)
         sparse, known = case.sparse, case.annotation.known
         case = ref = None  # the reference has no part in the measured prediction
-    hssl_normalised = spec.get("normalisation", "hssl") == "hssl"
     quiet = Progress(bar=False)
     scope = reset_peak()
     before = rss_mb()
     t, c = time.perf_counter(), time.process_time()
-    if method == "ours-roi" and hssl_normalised:
+    if monai_pipeline:
+        if method != "monai-swi":
+            raise ValueError(f"the plain MONAI pipeline predicts with monai-swi, not {method}")
+        labels = predict_monai(model, volume.array, tuple(reversed(volume.geometry.spacing)), device)
+    elif method == "ours-roi":
         roi = annotation_roi(sparse, known, tuple(reversed(volume.geometry.spacing)))
         labels = predict_volume(model, volume, device.type, progress=quiet, annotation=(sparse, known), roi=roi).labels
     elif method == "ours-full":
         labels = predict_volume(model, volume, device.type, progress=quiet).labels
-    elif method in ("ours-roi", "monai-swi"):
-        if hssl_normalised:
-            x = model.normalization.apply(volume.array)
-        else:
-            x = monai_normalisation(model.normalization.scheme)({"image": volume.array[None]})["image"][0]
-            x = np.asarray(x, dtype=np.float32)
-        if method == "monai-swi":
-            labels = monai_predict(model.net, x, device)
-        else:  # the MONAI-trained weights on MONAI-normalised input, in the product's region
-            roi = annotation_roi(sparse, known, model.plan.spacing)
-            labels, _ = predict_array(model, x, device, overlap=0.5, roi=roi)
-            labels = postprocess.apply(labels, sparse, known, "annotated-components")
-        del x
+    elif method == "monai-swi":  # our weights, MONAI's default inference
+        labels = monai_predict(model.net, model.normalization.apply(volume.array), device, model.plan.patch_size)
     else:
         raise ValueError(f"unknown method {method}")
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
