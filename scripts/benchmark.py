@@ -30,6 +30,8 @@ threads, torch/MONAI versions and the git commit.
     python scripts/benchmark.py --mode full          # all cases, budgets, seeds (hours on a CPU)
     python scripts/benchmark.py --mode tiny          # synthetic volume, a few steps (the test)
     python scripts/benchmark.py --only quality --cases brain1 --budgets 3 --steps 100
+    python scripts/benchmark.py --suite fewslice     # every method side by side on the development set
+    python scripts/benchmark.py --suite fewslice --tiny --out /tmp/suite   # one real crop (the test)
 
 The code is the package ``scripts/bench/`` (docs/benchmarks.md lists its files).
 

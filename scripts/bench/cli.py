@@ -18,7 +18,9 @@ DESCRIPTION = "Benchmarks of the few-slice loop on the real sample scans, side b
 
 def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(description=DESCRIPTION,
-                                epilog="Modes: tiny (synthetic, seconds; the test), default (~20 CPU minutes), full.")
+                                epilog="Modes: tiny (synthetic, seconds; the test), default (~20 CPU minutes), full. "
+                                       "The few-slice comparison of every method on the development set: "
+                                       "--suite fewslice (its own options: --suite fewslice --help).")
     p.add_argument("--mode", default="default", choices=["tiny", "default", "full"])
     p.add_argument("--out", default=None, help="folder for the results (default: benchmark-output)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for every run (default 1)")
@@ -73,8 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(spec["work"]) / "logs" / (Path(result_path).name[:-5] + ".log")
         run_unit(kind, spec, result_path, str(log))
         return 0
+    args = sys.argv[1:] if argv is None else argv
+    if "--suite" in args or any(a.startswith("--suite=") for a in args):
+        from .suite import main as suite_main
+
+        return suite_main(args)
     s, a = parse(argv)
     if a.report:
+        if json.loads(Path(a.report).read_text()).get("suite") == "fewslice":
+            from .suite_report import rewrite
+
+            return rewrite(Path(a.report), Path(a.out) if a.out else None)
         return rewrite_reports(Path(a.report), Path(a.out) if a.out else None)
     out = Path(a.out or "benchmark-output")
     out.mkdir(parents=True, exist_ok=True)
