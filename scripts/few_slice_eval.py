@@ -2,8 +2,9 @@
 """Few-slice quality on the real sample scans: Dice/HD95 on the unannotated slices.
 
 For each case, a number of axial slices of the reference label (spread evenly through the
-structure, as `hssl demo` picks them) is the annotation; the engine fine-tunes at a fixed CPU
-budget, predicts, and is scored on every slice that was not annotated. One run at a time.
+structure, as `hssl demo` picks them: `hssl.fewslice`) is the annotation; the engine fine-tunes at a
+fixed CPU budget, predicts as `hssl finetune --predict` does, and is scored on every slice that was not
+annotated. One run at a time.
 
     python scripts/few_slice_eval.py --cases lung2 brain1 --slices 2 3 --seeds 0 1 --time-budget 120 \
         --out results/few_slice.json
@@ -13,58 +14,42 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "HSSLSegment"))
 
 import numpy as np  # noqa: E402
 
-from hssl import data  # noqa: E402
-from hssl.demo import CASES, make_sparse, pick_slices  # noqa: E402
-from hssl.evaluate import evaluate  # noqa: E402
+from hssl import data, fewslice, postprocess  # noqa: E402
 from hssl.finetune import FinetuneOptions, finetune  # noqa: E402
-from hssl.io import LabelInfo, Labels, read_image, read_labels  # noqa: E402
-from hssl.predict import predict_array  # noqa: E402
-from hssl import postprocess  # noqa: E402
 from hssl.progress import Progress  # noqa: E402
-from hssl.sparse import SliceRef, known_mask, resolve_annotation  # noqa: E402
+from hssl.workflow import predict_volume  # noqa: E402
 
 
 def run(case: str, n_slices: int, seed: int, args) -> dict:
-    volume = read_image(data.sample_path(f"{case}_image.nrrd"))
-    ref = (read_labels(data.sample_path(f"{case}_label.nrrd"), volume.geometry).array > 0).astype(np.uint8)
-    axis = volume.geometry.axis_names().index("axial")
-    slices = pick_slices(ref, n_slices, axis)
-    sparse = make_sparse(ref, slices, axis)
-    table = [LabelInfo(CASES[case], 1, (1.0, 0.0, 0.0))]
-    annotation = resolve_annotation(sparse, volume.geometry.axis_names())
+    few = fewslice.sample_case(case, n_slices)
     opts = FinetuneOptions(time_budget=args.time_budget, steps=args.steps, device=args.device, seed=seed,
                            init=args.init, roi=not args.no_roi, patch_voxels=args.patch_voxels)
-    result = finetune(volume, Labels(sparse, table), annotation, opts, Progress(bar=False))
-    import torch
-
-    t = time.perf_counter()
-    pred, _ = predict_array(result.model, result.model.normalization.apply(volume.array), torch.device(args.device
-                            if args.device != "auto" else "cpu"), roi=result.roi,
-                            overlap=0.5 if result.roi is not None else 0.25)
-    predict_s = time.perf_counter() - t
-    pred_post = postprocess.apply(pred, sparse, annotation.known, args.postprocess)
-    region = ~known_mask(ref.shape, [SliceRef(axis, s) for s in slices])
-    raw = evaluate(pred, ref, volume.geometry, table, region)["labels"][0]
-    post = evaluate(pred_post, ref, volume.geometry, table, region)["labels"][0]
-    row = {"case": case, "slices": n_slices, "annotated": slices, "seed": seed, "init": args.init,
+    result = finetune(few.volume, few.labels, few.annotation, opts, Progress(bar=False))
+    device = result.model.meta["training"]["device"]
+    # The product's prediction (what `hssl finetune --predict` writes), then the network alone in
+    # the same region for the raw score.
+    pred = predict_volume(result.model, few.volume, device, progress=Progress(bar=False),
+                          annotation=result.annotation, postprocess_mode=args.postprocess, roi=result.roi)
+    raw = predict_volume(result.model, few.volume, device, progress=Progress(bar=False), roi=result.roi)
+    post, raw_score = fewslice.score(few, pred.labels), fewslice.score(few, raw.labels, hd95=False)
+    row = {"case": case, "slices": n_slices, "annotated": few.slices, "seed": seed, "init": args.init,
            "roi": not args.no_roi, "steps": result.steps, "finetune_s": round(result.seconds, 1),
-           "steps_per_s": round(result.steps / result.seconds, 2), "predict_s": round(predict_s, 1),
-           "heldout_dice": result.heldout_dice, "dice_raw": raw["dice"], "dice": post["dice"],
-           "hd95_mm": post["hd95_mm"], "postprocess": args.postprocess}
+           "steps_per_s": round(result.steps / result.seconds, 2), "predict_s": round(pred.seconds, 1),
+           "heldout_dice": result.heldout_dice, "dice_raw": raw_score["dice"], "dice": post["dice"],
+           "hd95_mm": post["hd95_mm"], "scored_on": post["scored_on"], "postprocess": args.postprocess}
     print(json.dumps(row), flush=True)
     return row
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["lung2", "brain1"], choices=sorted(CASES))
+    p.add_argument("--cases", nargs="+", default=["lung2", "brain1"], choices=sorted(fewslice.SAMPLE_CASES))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--slices", nargs="+", type=int, default=[2, 3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])

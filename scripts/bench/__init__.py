@@ -1,1 +1,1 @@
-"""The benchmark's parts: the development set, the Slicer peer methods and the harness."""
+"""The benchmark package behind scripts/benchmark.py: the development set, the Slicer peer methods and the harness."""

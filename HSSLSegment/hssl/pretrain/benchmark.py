@@ -1,7 +1,7 @@
 """Few-slice benchmark of initialisations, through the ``hssl`` command line, one run at a time.
 
 For each case (a real sample scan with a reference label) ``n`` axial slices of the reference are
-the annotation (``hssl.demo.pick_slices``/``make_sparse``, as the demo does); then, per seed and per
+the annotation (``hssl.fewslice``, as the demo does); then, per seed and per
 initialisation, ``hssl finetune --steps N --predict`` and ``hssl evaluate --exclude-annotated``
 (Dice on the slices that were not annotated). Rows go to ``results.jsonl`` as they finish, so an
 interrupted benchmark resumes where it stopped.
@@ -26,23 +26,18 @@ import numpy as np
 
 def prepare(case: str, n_slices: int, folder: Path) -> dict:
     from .. import data
-    from ..demo import CASES, make_sparse, pick_slices
-    from ..io import LabelInfo, read_image, read_labels, write_labelmap, write_segmentation
+    from ..fewslice import sample_case
+    from ..io import write_labelmap, write_segmentation
 
-    image = data.sample_path(f"{case}_image.nrrd")
-    label = data.sample_path(f"{case}_label.nrrd")
+    few = sample_case(case, n_slices)
     sparse_path = folder / f"{case}_{n_slices}slices.seg.nrrd"
     ref_path = folder / f"{case}_reference.nrrd"  # the label as 0/1 (some sample labels use other values)
-    volume = read_image(image)
-    ref = (read_labels(label, volume.geometry).array > 0).astype(np.uint8)
-    axis = volume.geometry.axis_names().index("axial")
-    slices = pick_slices(ref, n_slices, axis)
     if not ref_path.exists():
-        write_labelmap(ref_path, ref, volume.geometry)
+        write_labelmap(ref_path, few.reference.array, few.volume.geometry)
     if not sparse_path.exists():
-        write_segmentation(sparse_path, make_sparse(ref, slices, axis), volume.geometry,
-                           [LabelInfo(CASES[case], 1, (0.9, 0.35, 0.25))], overwrite=True)
-    return {"image": str(image), "ref": str(ref_path), "sparse": str(sparse_path), "slices": slices}
+        write_segmentation(sparse_path, few.sparse, few.volume.geometry, few.reference.labels, overwrite=True)
+    return {"image": str(data.sample_path(f"{case}_image.nrrd")), "ref": str(ref_path), "sparse": str(sparse_path),
+            "slices": few.slices, "slice_spec": few.slice_spec}
 
 
 def _hssl(*args: str) -> subprocess.CompletedProcess:
@@ -60,7 +55,8 @@ def run_one(case: str, n_slices: int, seed: int, init: str, steps: int, out: Pat
     work.mkdir(parents=True, exist_ok=True)
     pred = work / "prediction.nrrd"
     t0 = time.perf_counter()
-    ft = _hssl("finetune", "--image", prepared["image"], "--labels", prepared["sparse"], "--out", str(work / "model"),
+    ft = _hssl("finetune", "--image", prepared["image"], "--labels", prepared["sparse"], "--slices", prepared["slice_spec"],
+               "--out", str(work / "model"),
                "--init", value, "--steps", str(steps), "--seed", str(seed), "--device", "cpu", "--predict", str(pred),
                "--overwrite", *extra)
     seconds = time.perf_counter() - t0

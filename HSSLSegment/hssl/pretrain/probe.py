@@ -2,7 +2,7 @@
 
 Fine-tuning (``hssl.pretrain.benchmark``) measures what a start is worth once every weight moves;
 the probe measures what the frozen features already contain. Per real sample case ``n`` axial
-slices of the reference are the annotation (picked as the demo and the benchmark pick them). The
+slices of the reference are the annotation (``hssl.fewslice``, as the demo and the benchmark pick them). The
 image is normalised as fine-tuning does, cropped to the region of interest around the painted
 structure (``sparse.annotation_roi``, grown to a multiple of the plan's divisor), and passed once
 through the frozen network (eval mode, no gradient). Each level of ``SegNet.pyramid`` gets a
@@ -177,10 +177,11 @@ def probe_volume(net: SegNet, image: np.ndarray, reference: np.ndarray, spacing_
     0/1, ``spacing_zyx`` in mm, slices picked along array ``axis``; ``levels`` the pyramid levels
     that get a head (0 = finest; default all). Returns the scores (Dice and HD95 in mm on the
     unannotated slices) and what was probed."""
-    from ..demo import make_sparse, pick_slices
     from .. import postprocess
-    from ..evaluate import dice, hd95
-    from ..sparse import SliceRef, annotation_roi, known_mask
+    from ..evaluate import dice
+    from ..fewslice import array_geometry, make_case, score
+    from ..io import Volume
+    from ..sparse import annotation_roi
 
     reference = (np.asarray(reference) > 0).astype(np.uint8)
     n_levels = len(net.plan.channels)
@@ -192,12 +193,11 @@ def probe_volume(net: SegNet, image: np.ndarray, reference: np.ndarray, spacing_
     if n_slices < 1 or n_slices > present:
         raise HSSLError(f"cannot annotate {n_slices} slice(s): the reference label spans {present} slice(s) "
                         f"along axis {axis}")
-    slices = pick_slices(reference, n_slices, axis)
+    case = make_case(Volume(image, array_geometry(reference.shape, spacing_zyx)), reference, n_slices, axis)
+    slices, known, sparse = case.slices, case.annotation.known, case.sparse
     if len(slices) < n_slices:
         raise HSSLError(f"only {len(slices)} distinct slices can be picked for {n_slices} annotated slices: "
                         "use fewer")
-    known = known_mask(reference.shape, [SliceRef(axis, s) for s in slices])
-    sparse = make_sparse(reference, slices, axis)
     roi = annotation_roi(sparse, known, spacing_zyx)
     box, pad = crop_box(roi, reference.shape, net.plan.divisor)
     widths = [(0, p) for p in pad]
@@ -212,24 +212,21 @@ def probe_volume(net: SegNet, image: np.ndarray, reference: np.ndarray, spacing_
     fit = fit_probe(features, crop_target, crop_known, steps, seed, lr)
     seconds = time.perf_counter() - t0
 
-    pred = np.zeros(reference.shape, dtype=bool)
+    pred = np.zeros(reference.shape, dtype=np.uint8)
     inner = tuple(slice(0, b.stop - b.start) for b in box)
     pred[box] = fit.prediction.numpy()[inner] > 0
-    region = ~known
-    r = reference.astype(bool) & region
-    raw = pred & region
     # Scored like a fine-tuned prediction (hssl evaluate after the default post-processing): only
     # the components that touch a painted voxel are kept. The raw read-out's Dice is kept too.
-    kept = postprocess.apply(pred.astype(np.uint8), sparse, known, "annotated-components") > 0
-    p = kept & region
+    kept = postprocess.apply(pred, sparse, known, "annotated-components")
+    scores = score(case, kept)
     # Between the outermost annotated slices the probe interpolates; beyond them it extrapolates
     # from slices that all contain the structure, which a linear read-out does badly (it paints the
     # end slices). ``dice_between`` isolates the interpolation.
-    index = np.arange(reference.shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
-    between = region & (index > min(slices)) & (index < max(slices))
-    return {"dice_between": dice(kept & between, reference.astype(bool) & between),"slices": n_slices, "annotated": slices, "seed": seed, "steps": steps, "lr": lr,
-            "dice": dice(p, r), "hd95_mm": hd95(p, r, tuple(reversed(spacing_zyx))), "dice_raw": dice(raw, r),
-            "seconds": round(seconds, 1), "features_s": round(t_features, 1),
+    between = case.between()
+    return {"dice_between": dice((kept > 0) & between, (reference > 0) & between), "slices": n_slices,
+            "annotated": slices, "seed": seed, "steps": steps, "lr": lr, "dice": scores["dice"],
+            "hd95_mm": scores["hd95_mm"], "dice_raw": score(case, pred, hd95=False)["dice"],
+            "scored_on": scores["scored_on"], "seconds": round(seconds, 1), "features_s": round(t_features, 1),
             "final_loss": round(fit.losses[-1], 4), "roi_shape": [int(s) for s in crop.shape],
             "roi_zyx": [[b.start, b.stop] for b in box], "levels": levels,
             "channels": [int(f.shape[0]) for f in features]}
@@ -239,22 +236,20 @@ def probe_case(model_init: str, case: str, n_slices: int, seed: int, steps: int 
                threads: int | None = None, lr: float = DEFAULT_LR, levels: Sequence[int] | None = None) -> dict:
     """Probe ``model_init`` (scratch | bundled | bundled:NAME | a model folder) on the sample scan
     ``case`` with ``n_slices`` annotated axial slices. Returns one results row."""
-    from .. import data
-    from ..demo import CASES
+    from ..fewslice import SAMPLE_CASES, load_sample
     from ..finetune import seed_everything
-    from ..io import read_image, read_labels
     from ..normalize import for_modality
 
-    if case not in CASES:
-        raise HSSLError(f"unknown case '{case}': choose from {sorted(CASES)}")
+    if case not in SAMPLE_CASES:
+        raise HSSLError(f"unknown case '{case}': choose from {sorted(SAMPLE_CASES)}")
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         seed_everything(seed)
         net = resolve_network(model_init)
-        volume = read_image(data.sample_path(f"{case}_image.nrrd"))
-        reference = read_labels(data.sample_path(f"{case}_label.nrrd"), volume.geometry).array > 0
+        volume, labels = load_sample(case)
+        reference = labels.array
         axis = volume.geometry.axis_names().index("axial")
         image = for_modality("auto", volume.array).apply(volume.array)  # as hssl finetune normalises
         spacing = tuple(reversed(volume.geometry.spacing))
@@ -298,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a) -> int:
-    from ..demo import CASES
+    from ..fewslice import SAMPLE_CASES
     from .benchmark import table
 
-    unknown = [c for c in a.cases if c not in CASES]
+    unknown = [c for c in a.cases if c not in SAMPLE_CASES]
     if unknown:
-        raise HSSLError(f"unknown case(s) {unknown}: choose from {sorted(CASES)}")
+        raise HSSLError(f"unknown case(s) {unknown}: choose from {sorted(SAMPLE_CASES)}")
     if a.steps < 1:
         raise HSSLError(f"--steps must be at least 1 (got {a.steps})")
     inits = [_split_init(i) for i in a.init]
