@@ -6,7 +6,10 @@ the linear probe, ``scripts/few_slice_eval.py``, ``scripts/benchmark.py``), so t
 same slices and score the same voxels:
 
 - the slices: ``n`` slices along one array axis, spread evenly through the extent of the
-  foreground (every class together; ``pick_slices``);
+  foreground (every class together; ``pick_slices``). The axis is the axial one, as a user
+  paints first, unless the structure spans fewer than ``2n`` axial slices (a 3-slice tumour on
+  5 mm CT would be painted whole); then it is the orientation the structure spans most slices
+  in (``painting_axis``);
 - the annotation: the reference's values on those slices, 0 elsewhere, and the known voxels
   exactly as ``hssl finetune --slices axial:i,j,k`` reads them (every voxel of a listed slice is
   known, background included; everything else is unknown);
@@ -49,6 +52,15 @@ def pick_slices(reference: np.ndarray, n: int, axis: int = 0) -> list[int]:
         raise HSSLError("the reference label is empty")
     quantiles = [(i + 1) / (n + 1) for i in range(n)]
     return sorted({present[min(len(present) - 1, int(round(q * (len(present) - 1))))] for q in quantiles})
+
+
+def painting_axis(reference: np.ndarray, n: int, axial: int) -> int:
+    """The numpy axis to paint ``n`` slices along: ``axial`` unless the foreground spans fewer than
+    ``2n`` slices there, else the axis along which it spans the most slices."""
+    if len(structure_slices(reference, axial)) >= 2 * n:
+        return axial
+    spans = [len(structure_slices(reference, a)) for a in range(3)]
+    return axial if spans[axial] == max(spans) else int(np.argmax(spans))
 
 
 def make_sparse(reference: np.ndarray, slices: Sequence[int], axis: int = 0) -> np.ndarray:
@@ -131,7 +143,8 @@ def make_case(volume: Volume, reference: Labels | np.ndarray, slices: int | Sequ
 
     ``slices``: how many slices to paint (``pick_slices``; a count at least the number of slices
     that hold foreground paints all of them), or the slice indices themselves. ``axis``: an
-    orientation name of the volume (``axial``, ``coronal``, ``sagittal``) or a numpy axis."""
+    orientation name of the volume (``axial``, ``coronal``, ``sagittal``), a numpy axis, or
+    ``auto`` (axial unless the structure is too thin there for ``slices``: ``painting_axis``)."""
     if not isinstance(reference, Labels):
         array = np.asarray(reference)
         reference = Labels(array, default_label_table([int(v) for v in np.unique(array) if v]))
@@ -139,6 +152,10 @@ def make_case(volume: Volume, reference: Labels | np.ndarray, slices: int | Sequ
     if ref.shape != volume.array.shape:
         raise HSSLError(f"the reference has shape {ref.shape} but the image {volume.array.shape}: give the "
                         "reference on the image's grid")
+    if axis == "auto":
+        axial = volume.geometry.axis_names().index("axial")
+        count = slices if isinstance(slices, (int, np.integer)) else len(set(slices))
+        axis = painting_axis(ref, int(count), axial)
     if isinstance(axis, str):
         names = volume.geometry.axis_names()
         if axis not in names:

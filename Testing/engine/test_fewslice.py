@@ -142,3 +142,14 @@ def test_labels_keep_the_reference_table():
     table = [LabelInfo("nodule", 7, (1.0, 0.0, 0.0))]
     case = fewslice.make_case(volume_of(ref.shape), Labels(ref, table), 1)
     assert case.slices == [2] and case.labels.labels == table and case.labels.array is case.sparse
+
+
+def test_painting_axis_leaves_the_axial_slices_for_a_structure_too_thin_there():
+    from hssl.fewslice import painting_axis
+
+    ref = np.zeros((20, 40, 30), np.uint8)
+    ref[8:11, 5:30, 10:20] = 1  # 3 axial slices, 25 along y, 10 along x
+    assert painting_axis(ref, 3, 0) == 1
+    assert painting_axis(ref, 1, 0) == 0  # 3 >= 2 x 1: axial is thick enough for one slice
+    ref[2:18] = ref[8:11].max(axis=0)  # now 16 axial slices
+    assert painting_axis(ref, 3, 0) == 0

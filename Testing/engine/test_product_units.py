@@ -65,7 +65,7 @@ def test_keep_annotated_components_removes_only_unpainted_blobs_of_painted_segme
     out = postprocess.keep_annotated_components(pred, labels, known)
     expected = pred.copy()
     expected[1:4, 8:11, 8:11] = 0
-    np.testing.assert_array_equal(out, expected)
+    assert np.array_equal(out, expected)
 
 
 def test_postprocess_keeps_the_painted_slices_exactly_as_painted():

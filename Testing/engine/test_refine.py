@@ -23,7 +23,7 @@ def test_grow_follows_the_intensity_edge_from_one_painted_slice():
     known = known_mask(truth.shape, [SliceRef(0, 5)])
     sparse = np.where(known, truth, 0)
     out = refine.candidate("grow", image, None, sparse, known, (1.0, 1.0, 1.0))
-    np.testing.assert_array_equal(out, truth)
+    assert np.array_equal(out, truth)
 
 
 def test_grow_respects_the_mask_and_keeps_unreached_voxels_at_zero():

@@ -88,8 +88,27 @@ def _ours(case, budget: Budget, init: str) -> Output:
     training = result.model.meta["training"]
     pred = predict_volume(result.model, case.volume, budget.device, progress=quiet, annotation=result.annotation,
                           roi=result.roi)
-    return Output(pred.labels, result.steps, list(result.model.plan.patch_size), result.seconds, pred.seconds,
-                  {"init": training["init"], "heldout_dice": result.heldout_dice})
+    extra = {"init": training["init"], "heldout_dice": result.heldout_dice, "final_step": result.final_step,
+             "candidates": _other_final_steps(case, result, pred.final, budget, quiet)}
+    return Output(pred.labels, result.steps, list(result.model.plan.patch_size), result.seconds, pred.seconds, extra)
+
+
+def _other_final_steps(case, result, chosen: str, budget: Budget, quiet) -> dict:
+    """Dice of the final steps the model did not choose (after the timed prediction, so they cost
+    nothing in the times reported): what the per-scan choice gained or lost."""
+    from hssl.fewslice import score
+    from hssl.refine import CANDIDATES
+    from hssl.workflow import predict_volume
+
+    out = {}
+    for name in CANDIDATES:
+        if name == chosen:
+            continue
+        other = predict_volume(result.model, case.volume, budget.device, progress=quiet, annotation=result.annotation,
+                               roi=result.roi, final_step=name)
+        s = score(case, other.labels, hd95=False)
+        out[name] = {"dice": s["dice"], "classes": [c["dice"] for c in s["classes"]]}
+    return out
 
 
 @register("ours", "ours (default)", "ours")
@@ -160,7 +179,7 @@ def fewslice_unit(spec: dict) -> dict:
     startup = time.time() - spec["launched"]
     t = time.perf_counter()
     dev = load_case(spec["case"])
-    case = make_case(dev.volume, dev.reference, spec["n_slices"], "axial")
+    case = make_case(dev.volume, dev.reference, spec["n_slices"], "auto")
     load_s = time.perf_counter() - t
     budget = Budget(spec.get("time_budget"), spec.get("steps"), spec["seed"] or 0, spec["device"])
     scope = reset_peak()
@@ -175,7 +194,8 @@ def fewslice_unit(spec: dict) -> dict:
     s = score(case, labels)
     steps_per_s = out.steps / out.train_s if out.steps and out.train_s else None
     return {"case": spec["case"], "kind": dev.kind, "method": method.name, "n_slices": spec["n_slices"],
-            "seed": spec["seed"], "slices": case.slices, "structure_slices": len(case.structure_slices),
+            "seed": spec["seed"], "axis": case.volume.geometry.axis_names()[case.axis], "slices": case.slices,
+            "structure_slices": len(case.structure_slices),
             "unpainted_classes": case.unpainted_classes(), "dice": s["dice"], "hd95_mm": s["hd95_mm"],
             "dice_volume": s["dice_volume"], "scored_on": s["scored_on"],
             "classes": [{k: c[k] for k in ("name", "value", "dice", "hd95_mm", "ref_voxels", "pred_voxels")}
