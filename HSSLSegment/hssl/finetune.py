@@ -466,17 +466,15 @@ def _box_around(mask: np.ndarray, patch) -> np.ndarray:
 def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
                        holdout_region: np.ndarray, roi, table: list[LabelInfo], normalization: Normalization,
                        device: torch.device, precision: str, recipe: FinetuneRecipe) -> dict:
-    """Score every final-segmentation candidate on the held-out slice, with the network as trained
-    without it and seeds from the other painted slices; returns the choice and the scores."""
-    from .predict import predict_array
+    """Score every final-step candidate on the held-out slice, with the network as trained without it
+    and seeds from the other painted slices; returns the overall and the per-segment choice, the
+    scores, and the time the region's prediction took (for the final prediction's estimate)."""
+    from .predict import predict_array, window_count
+    from .workflow import default_overlap
 
     t0 = time.monotonic()
     region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
     model = Model(net, table, normalization, {})
-    from .workflow import default_overlap
-
-    from .predict import window_count
-
     overlap = default_overlap(region, net.plan.patch_size)
     t_predict = time.monotonic()
     _, probs = predict_array(model, image, device, overlap=overlap, precision=precision, probabilities=True,
@@ -485,19 +483,18 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     windows = window_count([r.stop - r.start for r in region], net.plan.patch_size, overlap)
     net.train()
     train_known = known_mask(target.shape, [s for s in annotation.slices if s != holdout])
-    sub = (slice(None), *region)
-    probs_r, image_r = probs[sub].astype(np.float32), image[region]
+    probs_r, image_r = probs[(slice(None), *region)].astype(np.float32), image[region]
     known_r = train_known[region]
     sparse_r = np.where(known_r, target[region], 0)
     mask_r = holdout_region[region]
     classes = range(1, len(table) + 1)
-    spacing = net.plan.spacing
     scores = {}
     for name in refine.CANDIDATES:
-        pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, spacing, recipe.refine_confidence)
+        pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, net.plan.spacing, recipe.refine_confidence)
         scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
-    return {"chosen": refine.choose(scores, margins={"grow": recipe.grow_margin}), "scores": scores,
-            "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows}
+    margins = {"grow": recipe.grow_margin}
+    return {"chosen": refine.choose(scores, margins=margins), "per_class": refine.choose_per_class(scores, margins=margins),
+            "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows}
 
 
 def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:
@@ -505,25 +502,29 @@ def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, 
 
 
 def _final_step_event(selection: dict, table: list[LabelInfo], poor: float = DEFAULT_RECIPE.poor_heldout_dice) -> dict:
-    """The ``final_step`` progress event: the choice, each candidate's held-out Dice per segment, and
-    the segments whose chosen result stays below ``poor`` on the held-out slice."""
+    """The ``final_step`` progress event: the overall choice, the choice per segment scored on the
+    held-out slice, each candidate's held-out Dice per segment, and the segments whose chosen result
+    stays below ``poor`` there."""
     per = {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}
-    chosen = per.get(selection["chosen"], {})
-    painted_on_holdout = [lab.name for lab in table if lab.name in chosen]
-    return {"chosen": selection["chosen"], "seconds": round(selection["seconds"], 2), "heldout_dice": per,
-            "poor_segments": [name for name in painted_on_holdout if chosen[name] < poor]}
+    per_segment = {table[c - 1].name: name for c, name in sorted(selection["per_class"].items())}
+    poor_segments = [seg for seg, name in per_segment.items() if per[name].get(seg, 1.0) < poor]
+    return {"chosen": selection["chosen"], "per_segment": per_segment, "seconds": round(selection["seconds"], 2),
+            "heldout_dice": per, "poor_segments": poor_segments}
 
 
 def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:
+    event = _final_step_event(selection, table)
     parts = []
     for name, sc in selection["scores"].items():
         mean = np.mean(list(sc.values())) if sc else float("nan")
         parts.append(f"{name} {mean:.3f}")
-    event = _final_step_event(selection, table)
     note = f"held-out slice Dice by final step: {', '.join(parts)}; using {selection['chosen']}"
+    others = {seg: name for seg, name in event["per_segment"].items() if name != selection["chosen"]}
+    if others:
+        note += " (" + ", ".join(f"{name} for {seg}" for seg, name in others.items()) + ")"
     if event["poor_segments"]:
-        scores = event["heldout_dice"][selection["chosen"]]
-        worst = ", ".join(f"{name} {scores[name]:.2f}" for name in event["poor_segments"])
+        worst = ", ".join(f"{seg} {event['heldout_dice'][event['per_segment'][seg]][seg]:.2f}"
+                          for seg in event["poor_segments"])
         note += (f"\nwarning: poorly learned on the held-out slice ({worst}): paint these segments on more slices "
                  "(or in another orientation) and fine-tune again")
     return note

@@ -119,3 +119,24 @@ def choose(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATE
         if value > best_value + 1e-9:
             best, best_value = name, value
     return best
+
+
+def choose_per_class(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATES,
+                     margins: dict[str, float] | None = None) -> dict[int, str]:
+    """For every class scored on the held-out slice, the candidate that segments it best there (less
+    its handicap in ``margins``; ties to the earlier one in ``order``). A thin structure that the
+    intensity refinement erodes away can then keep the network's result while a large one next to
+    it takes the refined one."""
+    classes = sorted({c for per in scores.values() for c in per})
+    return {c: choose({name: {c: per[c]} for name, per in scores.items() if c in per}, order, margins)
+            for c in classes}
+
+
+def compose(results: dict[str, np.ndarray], per_class: dict[int, str], default: str, classes: Sequence[int]) -> np.ndarray:
+    """One segmentation from several candidates' results (class indices): class ``c`` is taken from
+    ``results[per_class.get(c, default)]``; where two classes claim a voxel the later class wins."""
+    shape = next(iter(results.values())).shape
+    out = np.zeros(shape, dtype=np.uint8)
+    for c in classes:
+        out[results[per_class.get(c, default)] == c] = c
+    return out

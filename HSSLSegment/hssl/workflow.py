@@ -119,6 +119,7 @@ class Prediction:
     device: str
     seconds: float
     final: str = "network"  # the last step that produced the labels (hssl.refine.CANDIDATES)
+    per_segment: dict = dataclasses.field(default_factory=dict)  # segment name -> final step, where it differs
 
 
 DENSE_WINDOWS = 64  # a region predicted at overlap 0.5 in at most this many windows takes seconds
@@ -173,11 +174,12 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     if annotation is not None and annotation[0].shape != volume.array.shape:
         raise HSSLError(f"the annotation has shape {annotation[0].shape} but the image {volume.array.shape}: give "
                         "the annotation of this image")
-    final = model_final_step(model) if final_step is None else final_step
+    final, per_class = model_final_step(model) if final_step is None else (final_step, {})
     if final not in refine_module.CANDIDATES:
         raise HSSLError(f"unknown final step '{final}': choose one of {', '.join(refine_module.CANDIDATES)}")
     if annotation is None:
-        final = "network"
+        final, per_class = "network", {}
+    needed = {final, *per_class.values()}
     eta = Eta()
     x = model.normalization.apply(volume.array)
 
@@ -187,7 +189,7 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     while True:
         try:
             classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, precision=precision,
-                                           probabilities=probabilities or final != "network",
+                                           probabilities=probabilities or needed != {"network"},
                                            on_progress=on_progress, roi=roi)
             break
         except OutOfMemory:
@@ -204,8 +206,8 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                 progress.log("GPU out of memory while predicting even with one window at a time: "
                              "continuing on the CPU (slower)")
     progress.close()
-    if final != "network":
-        classes = _refined(final, model, x, probs, annotation, roi, _confidence(model))
+    if needed != {"network"}:
+        classes = _refined(needed, final, per_class, model, x, classes, probs, annotation, roi, _confidence(model))
         if not probabilities:
             probs = None
     # Network classes 1..N map back to the model's label values.
@@ -218,13 +220,24 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
         keep = [lab.value for lab in model.labels if lab.name in segments]
         labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
     chosen = [lab for lab in model.labels if not segments or lab.name in segments]
-    return Prediction(labels, probs, chosen, dev.type, eta.elapsed(), final)
+    return Prediction(labels, probs, chosen, dev.type, eta.elapsed(), final,
+                      {model.labels[c - 1].name: name for c, name in sorted(per_class.items())})
 
 
-def model_final_step(model: Model) -> str:
-    """The final step a model chose when it was fine-tuned (``network`` for models without a record)."""
+def model_final_step(model: Model) -> tuple[str, dict[int, str]]:
+    """The final step a model chose when it was fine-tuned: the overall one (``network`` for models
+    without a record) and, by network class, the ones chosen per segment on the held-out slice."""
     record = (model.meta.get("training") or {}).get("final_step") or {}
-    return record.get("chosen", "network") if isinstance(record, dict) else "network"
+    if not isinstance(record, dict):
+        return "network", {}
+    by_name = {lab.name: n for n, lab in enumerate(model.labels, start=1)}
+    per_segment = record.get("per_segment") if isinstance(record.get("per_segment"), dict) else {}
+    unknown = [str(v) for v in [record.get("chosen", "network"), *per_segment.values()]
+               if v not in refine_module.CANDIDATES]
+    if unknown:
+        raise HSSLError(f"model.json training.final_step names an unknown final step {unknown[0]!r}: the model "
+                        f"folder is corrupt; predict with --final-step {'|'.join(refine_module.CANDIDATES)}")
+    return record.get("chosen", "network"), {by_name[seg]: name for seg, name in per_segment.items() if seg in by_name}
 
 
 def _confidence(model: Model) -> float:
@@ -236,17 +249,23 @@ def _confidence(model: Model) -> float:
         return DEFAULT_RECIPE.refine_confidence
 
 
-def _refined(final: str, model: Model, x: np.ndarray, probs: np.ndarray, annotation, roi, confidence: float):
-    """Network classes after the intensity refinement ``final``, inside ``roi`` (background outside)."""
+def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Model, x: np.ndarray,
+             network: np.ndarray, probs: np.ndarray, annotation, roi, confidence: float):
+    """Network classes after the final step: each class from the candidate chosen for it
+    (``per_class``, else ``final``), computed inside ``roi`` (background outside)."""
     region = roi if roi is not None else tuple(slice(0, n) for n in x.shape)
     value_to_class = {lab.value: n for n, lab in enumerate(model.labels, start=1)}
     ann_values, known = annotation
     sparse = np.zeros(ann_values.shape, dtype=np.int32)
     for value, cls in value_to_class.items():
         sparse[ann_values == value] = cls
+    probs_r = probs[(slice(None), *region)].astype(np.float32)
+    results = {name: (network[region] if name == "network" else
+                      refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
+                                              model.plan.spacing, confidence))
+               for name in needed}
     out = np.zeros(x.shape, dtype=np.uint8)
-    out[region] = refine_module.candidate(final, x[region], probs[(slice(None), *region)].astype(np.float32),
-                                          sparse[region], known[region], model.plan.spacing, confidence)
+    out[region] = refine_module.compose(results, per_class, final, range(1, len(model.labels) + 1))
     return out
 
 

@@ -99,3 +99,45 @@ def test_the_command_line_offers_every_candidate():
     from hssl.jobspec import FINAL_STEPS as JOB_FINAL_STEPS
 
     assert FINAL_STEPS == refine.CANDIDATES == JOB_FINAL_STEPS
+
+
+def test_per_class_choice_and_composition():
+    scores = {"network": {1: 0.75, 2: 0.6}, "network+grow": {1: 0.06, 2: 0.99}, "grow": {2: 0.99}}
+    per_class = refine.choose_per_class(scores, margins={"grow": 0.05})
+    assert per_class == {1: "network", 2: "network+grow"}
+    a = np.array([[1, 1, 0, 2]])  # "network"
+    b = np.array([[0, 2, 2, 2]])  # "network+grow"
+    out = refine.compose({"network": a, "network+grow": b}, per_class, "network", [1, 2])
+    assert out.tolist() == [[1, 2, 2, 2]]  # class 2 is composed last and wins the shared voxel
+    # A class without a held-out score takes the default candidate.
+    assert refine.compose({"network": a, "network+grow": b}, {}, "network", [1, 2]).tolist() == [[1, 1, 0, 2]]
+
+
+def test_predict_volume_applies_the_models_per_segment_choice():
+    import torch
+
+    from hssl.workflow import model_final_step, predict_volume
+    from test_product_units import Threshold, _model, _volume
+
+    class Everywhere(Threshold):
+        """A network that calls every voxel segment 'a', sure of it."""
+
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), torch.full_like(x, 10.0)], dim=1)
+
+    model = _model()
+    model.net = Everywhere(model.net.plan.patch_size)
+    volume = _volume((12, 30, 30))
+    image, truth = _bright_box()
+    volume.array = (image * 100).astype(np.float32)
+    known = known_mask(truth.shape, [SliceRef(0, 5)])
+    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
+    model.meta = {"training": {"final_step": {"chosen": "network", "per_segment": {"a": "grow"}}}}
+    assert model_final_step(model) == ("network", {1: "grow"})
+    pred = predict_volume(model, volume, "cpu", annotation=annotation)
+    assert pred.per_segment == {"a": "grow"} and np.array_equal(pred.labels, truth)
+    network = predict_volume(model, volume, "cpu", annotation=annotation, final_step="network")
+    assert (network.labels[~known] == 1).all()  # the network alone: everything
+    model.meta = {"training": {"final_step": {"chosen": "magic"}}}
+    with pytest.raises(Exception, match="unknown final step"):
+        model_final_step(model)

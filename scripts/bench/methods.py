@@ -45,6 +45,8 @@ class Output:
     train_s: float | None = None
     predict_s: float | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+    # Extra measurements run after the timed span (their results are merged into ``extra``).
+    after: Callable[[], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +90,9 @@ def _ours(case, budget: Budget, init: str) -> Output:
     training = result.model.meta["training"]
     pred = predict_volume(result.model, case.volume, budget.device, progress=quiet, annotation=result.annotation,
                           roi=result.roi)
-    extra = {"init": training["init"], "heldout_dice": result.heldout_dice, "final_step": result.final_step,
-             "candidates": _other_final_steps(case, result, pred.final, budget, quiet)}
-    return Output(pred.labels, result.steps, list(result.model.plan.patch_size), result.seconds, pred.seconds, extra)
+    extra = {"init": training["init"], "heldout_dice": result.heldout_dice, "final_step": result.final_step}
+    return Output(pred.labels, result.steps, list(result.model.plan.patch_size), result.seconds, pred.seconds, extra,
+                  after=lambda: {"candidates": _other_final_steps(case, result, pred.final, budget, quiet)})
 
 
 def _other_final_steps(case, result, chosen: str, budget: Budget, quiet) -> dict:
@@ -191,6 +193,7 @@ def fewslice_unit(spec: dict) -> dict:
     write_labelmap(spec["prediction"], labels.astype(case.sparse.dtype), case.volume.geometry, overwrite=True)
     seconds = time.perf_counter() - t
     peak = peak_mb()
+    extra = {**out.extra, **(out.after() if out.after is not None else {})}
     s = score(case, labels)
     steps_per_s = out.steps / out.train_s if out.steps and out.train_s else None
     return {"case": spec["case"], "kind": dev.kind, "method": method.name, "n_slices": spec["n_slices"],
@@ -205,7 +208,7 @@ def fewslice_unit(spec: dict) -> dict:
             "start_to_prediction_s": round(seconds, 2), "peak_rss_mb": round(peak),
             "peak_scope": "method" if scope else "process lifetime", "startup_s": round(startup, 2),
             "load_s": round(load_s, 2), "threads": threads, "device": spec["device"],
-            "volume_shape": list(case.sparse.shape), "prediction": spec["prediction"], **out.extra}
+            "volume_shape": list(case.sparse.shape), "prediction": spec["prediction"], **extra}
 
 
 def _round(v: float | None, digits: int = 2) -> float | None:
