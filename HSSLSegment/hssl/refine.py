@@ -5,7 +5,7 @@ Candidates (``CANDIDATES``):
 - ``network+grow``: the network decides *where* each structure is, the intensities decide the exact
   boundary. Seeds are the painted slices (their unpainted voxels as background) plus the voxels the
   network is sure about (probability >= ``confidence``, shrunk by ``erode`` voxels away from
-  the network's boundary); the undecided band between them is labelled by seeded region competition
+  the network's boundary, except for a thin class that the shrinking would halve); the undecided band between them is labelled by seeded region competition
   on the intensities (``hssl.grow``). A structure the network missed stays missed; a leak that
   the intensities alone would make is stopped by the network's confident background.
 - ``grow``: region competition from the painted slices alone (what Slicer's *Grow from seeds* does
@@ -27,6 +27,7 @@ from .grow import grow_from_seeds
 CANDIDATES = ("network", "network+grow", "grow")
 CONFIDENCE = 0.9
 ERODE = 1
+THIN_KEEP = 0.5  # a class whose sure voxels the erosion would halve keeps them all
 
 
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -49,8 +50,13 @@ def network_seeds(probs: np.ndarray, sparse: np.ndarray, known: np.ndarray, back
     background; ``sparse`` holds class indices 1..C-1. Painted voxels always win."""
     seeds = np.zeros(sparse.shape, dtype=np.int32)
     for c in range(probs.shape[0]):
-        sure = _erode(probs[c] >= confidence, erode)
-        seeds[sure] = background if c == 0 else c
+        sure = probs[c] >= confidence
+        eroded = _erode(sure, erode)
+        # A thin structure (cortical bone, a vessel wall) would lose most of its seeds to the erosion
+        # and then be grown over by its neighbours: keep it whole.
+        if np.count_nonzero(eroded) < THIN_KEEP * np.count_nonzero(sure):
+            eroded = sure
+        seeds[eroded] = background if c == 0 else c
     painted = painted_seeds(sparse, known, background)
     seeds[known] = painted[known]
     return seeds
@@ -140,3 +146,10 @@ def compose(results: dict[str, np.ndarray], per_class: dict[int, str], default: 
     for c in classes:
         out[results[per_class.get(c, default)] == c] = c
     return out
+
+
+def painted_fit(network: np.ndarray, sparse: np.ndarray, known: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Dice of the network's classes against the painting on the painted voxels, per painted class:
+    how well the network reproduces the very slices it was trained on. A class far below the
+    others there was not learned at all (too few painted voxels, too few steps)."""
+    return slice_dice(network, sparse, known, [c for c in classes if np.any((sparse == c) & known)])

@@ -206,10 +206,22 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                 progress.log("GPU out of memory while predicting even with one window at a time: "
                              "continuing on the CPU (slower)")
     progress.close()
-    if needed != {"network"}:
-        classes = _refined(needed, final, per_class, model, x, classes, probs, annotation, roi, _confidence(model))
-        if not probabilities:
-            probs = None
+    if annotation is not None:
+        sparse = _class_indices(model, annotation[0])
+        if final_step is None:
+            # A segment the network does not even reproduce on its painted slices was not learned:
+            # its voxels come from the painted slices grown on the intensities instead.
+            unlearned = _unlearned(model, classes, sparse, annotation[1], roi)
+            for c, fit in unlearned.items():
+                per_class[c] = "grow"
+                progress.log(f"note: the network did not learn '{model.labels[c - 1].name}' (Dice {fit:.2f} on its "
+                             "painted slices): that segment is grown from the painted slices on the intensities")
+            needed = {final, *per_class.values()}
+        if needed != {"network"}:
+            classes = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1], roi,
+                               _confidence(model))
+    if not probabilities:
+        probs = None
     # Network classes 1..N map back to the model's label values.
     values = [0] + [lab.value for lab in model.labels]
     lut = np.array(values, dtype=np.uint16 if max(values) > 255 else np.uint8)
@@ -249,17 +261,30 @@ def _confidence(model: Model) -> float:
         return DEFAULT_RECIPE.refine_confidence
 
 
+def _class_indices(model: Model, values: np.ndarray) -> np.ndarray:
+    """An annotation in label values as the network's class indices (0 elsewhere)."""
+    sparse = np.zeros(values.shape, dtype=np.int32)
+    for cls, lab in enumerate(model.labels, start=1):
+        sparse[values == lab.value] = cls
+    return sparse
+
+
+def _unlearned(model: Model, network: np.ndarray, sparse: np.ndarray, known: np.ndarray, roi) -> dict[int, float]:
+    """Classes whose network Dice on their own painted voxels (in ``roi``) is below the recipe's
+    poor-learning threshold, with that Dice."""
+    region = roi if roi is not None else tuple(slice(0, n) for n in network.shape)
+    fit = refine_module.painted_fit(network[region], sparse[region], known[region], range(1, len(model.labels) + 1))
+    poor = DEFAULT_RECIPE.poor_heldout_dice
+    return {c: v for c, v in fit.items() if v < poor}
+
+
 def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Model, x: np.ndarray,
-             network: np.ndarray, probs: np.ndarray, annotation, roi, confidence: float):
+             network: np.ndarray, probs: np.ndarray | None, sparse: np.ndarray, known: np.ndarray, roi,
+             confidence: float):
     """Network classes after the final step: each class from the candidate chosen for it
     (``per_class``, else ``final``), computed inside ``roi`` (background outside)."""
     region = roi if roi is not None else tuple(slice(0, n) for n in x.shape)
-    value_to_class = {lab.value: n for n, lab in enumerate(model.labels, start=1)}
-    ann_values, known = annotation
-    sparse = np.zeros(ann_values.shape, dtype=np.int32)
-    for value, cls in value_to_class.items():
-        sparse[ann_values == value] = cls
-    probs_r = probs[(slice(None), *region)].astype(np.float32)
+    probs_r = probs[(slice(None), *region)].astype(np.float32) if probs is not None else None
     results = {name: (network[region] if name == "network" else
                       refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
                                               model.plan.spacing, confidence))

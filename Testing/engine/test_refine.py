@@ -37,20 +37,20 @@ def test_grow_respects_the_mask_and_keeps_unreached_voxels_at_zero():
 
 
 def test_network_seeds_keep_only_sure_voxels_away_from_the_boundary_and_painted_voxels_win():
-    probs = np.zeros((2, 5, 9, 9), np.float32)
-    probs[1, :, 2:7, 2:7] = 0.95  # a sure 5x5 square on every slice
-    probs[1, 2, 4, 4] = 0.6  # one unsure voxel in its centre
+    probs = np.zeros((2, 5, 13, 13), np.float32)
+    probs[1, :, 2:11, 2:11] = 0.95  # a sure 9x9 square on every slice
+    probs[1, 2, 6, 6] = 0.6  # one unsure voxel in its centre
     probs[0] = 1 - probs[1]
-    sparse = np.zeros((5, 9, 9), np.int32)
-    known = np.zeros((5, 9, 9), bool)
+    sparse = np.zeros((5, 13, 13), np.int32)
+    known = np.zeros((5, 13, 13), bool)
     known[0] = True  # painted slice 0: all background there
     seeds = refine.network_seeds(probs, sparse, known, background=2, confidence=0.9, erode=1)
     assert (seeds[0] == 2).all()  # painted background wins over the network's square
     # Erosion by a radius-1 ball (the 18-neighbourhood): the square's rim is no seed, nor is any
     # voxel next to the unsure one, except those touching it by a corner only.
     assert seeds[3, 2, 2] == 0 and seeds[3, 3, 3] == 1
-    assert seeds[2, 3, 3] == 0 and seeds[1, 3, 4] == 0 and seeds[1, 3, 3] == 1
-    assert seeds[2, 0, 0] == 2 and seeds[2, 1, 4] == 0  # sure background is eroded too
+    assert seeds[2, 5, 5] == 0 and seeds[1, 5, 6] == 0 and seeds[1, 5, 5] == 1
+    assert seeds[2, 0, 0] == 2 and seeds[2, 1, 6] == 0  # sure background is eroded too
 
 
 def test_network_plus_grow_moves_a_misplaced_network_boundary_to_the_intensity_edge():
@@ -141,3 +141,46 @@ def test_predict_volume_applies_the_models_per_segment_choice():
     model.meta = {"training": {"final_step": {"chosen": "magic"}}}
     with pytest.raises(Exception, match="unknown final step"):
         model_final_step(model)
+
+
+def test_network_seeds_keep_a_thin_structure_whole():
+    probs = np.zeros((2, 6, 12, 12), np.float32)
+    probs[1, :, 5, 2:10] = 0.97  # a one-voxel-thick wall: the erosion would remove all of it
+    probs[0] = 1 - probs[1]
+    sparse = np.zeros((6, 12, 12), np.int32)
+    known = np.zeros((6, 12, 12), bool)
+    seeds = refine.network_seeds(probs, sparse, known, background=2)
+    assert (seeds[:, 5, 2:10] == 1).all()
+    assert seeds[2, 0, 0] == 2 and seeds[2, 4, 5] == 0  # background is still eroded next to the wall
+
+
+def test_a_segment_the_network_did_not_learn_is_grown_and_the_log_says_so():
+    import torch
+
+    from hssl.progress import Progress
+    from hssl.workflow import predict_volume
+    from test_product_units import Threshold, _model, _volume
+
+    class Nowhere(Threshold):
+        """A network that never predicts segment 'a', not even on its painted slice."""
+
+        def forward(self, x):
+            return torch.cat([torch.full_like(x, 10.0), torch.zeros_like(x)], dim=1)
+
+    model = _model()
+    model.net = Nowhere(model.net.plan.patch_size)
+    model.meta = {"training": {"final_step": {"chosen": "network"}}}
+    volume = _volume((12, 30, 30))
+    image, truth = _bright_box()
+    volume.array = (image * 100).astype(np.float32)
+    known = known_mask(truth.shape, [SliceRef(0, 5)])
+    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
+    notes = []
+    progress = Progress(bar=False)
+    progress.log = notes.append
+    pred = predict_volume(model, volume, "cpu", annotation=annotation, progress=progress)
+    assert pred.per_segment == {"a": "grow"} and np.array_equal(pred.labels, truth)
+    assert len(notes) == 1 and "did not learn 'a'" in notes[0]
+    # Asked for explicitly, the network alone is what the user gets: the painted slice, nothing else.
+    forced = predict_volume(model, volume, "cpu", annotation=annotation, final_step="network", progress=progress)
+    assert forced.labels[~known].sum() == 0

@@ -133,6 +133,15 @@ def load_results(path: Path, s: SuiteSettings) -> dict:
             "units": [], "notes": []}
 
 
+def _union_command(settings: dict) -> str:
+    """One command that reproduces everything in the results so far (their cases, slices, seeds and
+    methods together)."""
+    budget = f"--time-budget {settings['time_budget']:g}" if settings.get("time_budget") else f"--steps {settings['steps']}"
+    return (f"python scripts/benchmark.py --suite fewslice --cases {' '.join(settings['cases'])} --slices "
+            f"{' '.join(map(str, settings['slices']))} --seeds {' '.join(map(str, settings['seeds']))} --methods "
+            f"{' '.join(settings['methods'])} {budget} --threads {settings['threads']} --device {settings['device']}")
+
+
 def save(results: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -151,6 +160,8 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fewslice.json"
     results = load_results(path, s)
+    results.setdefault("commands", []).append("python scripts/benchmark.py " + " ".join(argv))
+    results["command"] = _union_command(results["settings"])
     skipped = {name: why for name in s.methods if (why := methods.missing(name))}
     for why in skipped.values():
         note = f"skipped {why}"

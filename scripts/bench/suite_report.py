@@ -131,8 +131,73 @@ def markdown(results: dict) -> str:
                      + " | ".join(cells) + f" | {_diff(k['ours_minus_best_peer'])} |")
     absent = [METHODS[m].label for m in METHODS if METHODS[m].role == "peer" and m not in names]
     lines += ["", _targets(table, kinds) + (f" Peers not in these results: {', '.join(absent)}." if absent else ""), ""]
-    lines += _cost(results, names) + _per_class(results, names) + _errors(results)
+    lines += _cost(results, names) + _final_steps(results) + _per_class(results, names) + _errors(results)
     return "\n".join(lines) + "\n"
+
+
+def _final_steps(results: dict) -> list[str]:
+    """For our units: the final step chosen on the held-out slice (overall and per segment) and the
+    Dice every candidate would have given, so that what the choice gained or lost is visible."""
+    from hssl.refine import CANDIDATES
+
+    units = [r for r in results["units"] if r.get("final_step") and "error" not in r and r.get("dice") is not None]
+    if not units:
+        return []
+    lines = ["## The final step", "",
+             "Our runs choose their final step on the held-out slice (`hssl.refine`): the network alone, the "
+             "network's sure voxels grown on the intensities (`network+grow`) or the painted slices grown alone "
+             "(`grow`), per segment. Each column is the Dice that candidate gives on its own (measured after "
+             "the timed prediction); *chosen* is what the run used.", "",
+             "| case | slices | method | seed | chosen (per segment) | " + " | ".join(CANDIDATES) + " | chosen Dice |",
+             "|---|---|---|---|---|" + "---|" * len(CANDIDATES) + "---|"]
+    for r in sorted(units, key=lambda r: (r.get("kind", ""), r["case"], r["n_slices"], r["method"], r.get("seed") or 0)):
+        record = r["final_step"]
+        per = record.get("per_segment") or {}
+        chosen = record.get("chosen", "?") + (" (" + ", ".join(f"{seg}: {c}" for seg, c in per.items()) + ")"
+                                             if any(c != record.get("chosen") for c in per.values()) else "")
+        scores = {name: v.get("dice") for name, v in (r.get("candidates") or {}).items()}
+        uniform = record.get("chosen") if not any(c != record.get("chosen") for c in per.values()) else None
+        if uniform is not None:
+            scores.setdefault(uniform, r["dice"])
+        cells = [_cell(scores.get(name)) for name in CANDIDATES]
+        lines.append(f"| {r['case']} | {r['n_slices']} | {_label(r['method'])} | {r.get('seed')} | {chosen} | "
+                     + " | ".join(cells) + f" | {_cell(r['dice'])} |")
+    return lines + [""]
+
+
+def readme_section(results: dict, command: str) -> str:
+    """The README's results section: the main table (case, kind, every method, ours minus the best
+    peer), the per-kind means, the targets and the time to the first prediction."""
+    names = method_order(results)
+    table = rows(results)
+    kinds = kind_means(table, names)
+    s = results["settings"]
+    lines = [f"Development set: {len({r['case'] for r in table})} real scans in three kinds ("
+             "[docs/sample-data.md](docs/sample-data.md) says how each reference was made), "
+             f"{', '.join(map(str, s['slices']))} painted slices, seeds {', '.join(map(str, s['seeds']))}, "
+             f"{s.get('time_budget') or s.get('steps')} {'s' if s.get('time_budget') else 'steps'} per learned "
+             f"method, {s['threads']} CPU threads, every method on the same painted slices in the same run. Dice "
+             "on the slices that were not painted (mean over classes and seeds; bold: best of the row).", "",
+             "| case | kind | slices | " + " | ".join(_label(m) for m in names) + " | ours - best peer |",
+             "|---|---|---|" + "---|" * len(names) + "---|"]
+    for r in table:
+        cells = [_cell(r["means"].get(m), bold=r["means"].get(m) == r["best"], star=r["whole_volume"]) for m in names]
+        lines.append(f"| {r['case']} | {r['kind']} | {r['n_slices']} | " + " | ".join(cells)
+                     + f" | {_diff(r['ours_minus_best_peer'])} |")
+    for k in kinds:
+        cells = [_cell(k["means"][m], bold=k["means"][m] == k["best"]) for m in names]
+        lines.append(f"| **mean, {k['kind']}** | | {k['n_slices']} | " + " | ".join(cells)
+                     + f" | **{_diff(k['ours_minus_best_peer'])}** |")
+    lines += ["", _targets(table, kinds), ""]
+    ours = [r for r in results["units"] if r.get("method") == "ours" and r.get("start_to_prediction_s")]
+    if ours:
+        t = [r["start_to_prediction_s"] for r in ours]
+        lines += [f"Time from the start of fine-tuning to the written prediction (ours, default): median "
+                  f"{np.median(t):.0f} s, at most {max(t):.0f} s, for a budget of {s.get('time_budget')} s.", ""]
+    lines += [f"Command: `{command}`. Full tables (time and memory, the final step per run, Dice per class): "
+              "[docs/results/fewslice/fewslice.md](docs/results/fewslice/fewslice.md); how it is measured: "
+              "[docs/benchmarks.md](docs/benchmarks.md).", ""]
+    return "\n".join(lines)
 
 
 def _targets(table: list[dict], kinds: list[dict]) -> str:
@@ -250,16 +315,25 @@ def plot(results: dict, out: Path) -> Path:
     meta = results["meta"]
     fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.4 / fig.get_figheight()))
     fig.text(0.01, 0.005, meta_line(meta), fontsize=6, color="0.35", ha="left", va="bottom")
-    path = out / "fewslice.png"
-    fig.savefig(path, dpi=90, metadata={"Description": meta_line(meta), "Software": "scripts/benchmark.py --suite fewslice"})
+    from hssl.io import atomic_write
+
+    path = atomic_write(out / "fewslice.png", lambda tmp: fig.savefig(
+        tmp, format="png", dpi=90,
+        metadata={"Description": meta_line(meta), "Software": "scripts/benchmark.py --suite fewslice"}), what="plot")
     plt.close(fig)
     return path
 
 
 def write_reports(results: dict, out: Path) -> list[Path]:
-    md = out / "fewslice.md"
-    md.write_text(markdown(results))
-    return [md, plot(results, out)]
+    """``fewslice.md`` and ``fewslice.png`` in ``out`` (created), each written to a temporary name
+    and renamed."""
+    from hssl.io import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = atomic_write_text(out / "fewslice.md", markdown(results), "benchmark table")
+    command = results.get("command") or "python scripts/benchmark.py --suite fewslice"
+    readme = atomic_write_text(out / "fewslice-README.md", readme_section(results, command), "README section")
+    return [md, readme, plot(results, out)]
 
 
 def rewrite(results_path: Path, out: Path | None) -> int:
