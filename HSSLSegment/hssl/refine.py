@@ -25,6 +25,9 @@ import SimpleITK as sitk
 from .grow import grow_from_seeds
 
 CANDIDATES = ("network", "network+grow", "grow")
+# Ties on the held-out slice go to the earlier one: on the development set network+grow was the best
+# or close to it on every case where the network learned the structure (docs/results.md).
+PREFERENCE = ("network+grow", "network", "grow")
 CONFIDENCE = 0.9
 ERODE = 1
 THIN_KEEP = 0.5  # a class whose sure voxels the erosion would halve keeps them all
@@ -112,11 +115,12 @@ def slice_dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, classes: Seq
     return scores
 
 
-def choose(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATES,
+def choose(scores: dict[str, dict[int, float]], order: Sequence[str] | None = None,
            margins: dict[str, float] | None = None) -> str:
     """The candidate with the highest mean held-out Dice, less its handicap in ``margins``; ties go
-    to the earlier one in ``order``."""
+    to the earlier one in ``order`` (default ``PREFERENCE``)."""
     margins = margins or {}
+    order = PREFERENCE if order is None else order
     best, best_value = order[0], -np.inf
     for name in order:
         if name not in scores or not scores[name]:
@@ -127,7 +131,7 @@ def choose(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATE
     return best
 
 
-def choose_per_class(scores: dict[str, dict[int, float]], order: Sequence[str] = CANDIDATES,
+def choose_per_class(scores: dict[str, dict[int, float]], order: Sequence[str] | None = None,
                      margins: dict[str, float] | None = None) -> dict[int, str]:
     """For every class scored on the held-out slice, the candidate that segments it best there (less
     its handicap in ``margins``; ties to the earlier one in ``order``). A thin structure that the

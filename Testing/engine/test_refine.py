@@ -87,7 +87,8 @@ def test_slice_dice_and_choose():
     assert refine.slice_dice(pred, ref, mask, [1, 2, 3]) == pytest.approx({1: 2 / 3, 2: 1.0})
     scores = {"network": {1: 0.5}, "network+grow": {1: 0.7, 2: 0.7}, "grow": {1: 0.9, 2: 0.4}}
     assert refine.choose(scores) == "network+grow"
-    assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}) == "network"  # ties: the earlier one
+    assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}) == "network+grow"  # ties: PREFERENCE
+    assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}, order=refine.CANDIDATES) == "network"
     assert refine.choose({"network": {}, "grow": {1: 0.1}}) == "grow"
     margins = {"grow": 0.05}
     assert refine.choose({"network+grow": {1: 0.52}, "grow": {1: 0.55}}, margins=margins) == "network+grow"
