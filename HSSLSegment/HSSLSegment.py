@@ -40,9 +40,9 @@ except ImportError:  # Slicer < 5.4
         return text
 
 MODEL_SOURCES = ("Pretrained (bundled)", "From scratch", "Current model")
-# A new scene starts where the engine's default start (init "auto") starts: from the shipped default
-# pretrained model when this version ships one, else from scratch. Decided once, never overriding
-# a choice the parameter node holds.
+# A new scene starts where the engine's default start (init "auto") starts: from scratch while no
+# shipped pretrained model wins on the development set (the engine's DEFAULT_START), else from the
+# shipped default model. Decided once, never overriding a choice the parameter node holds.
 DEFAULT_MODEL_SOURCE = MODEL_SOURCES[0] if autoStartsPretrained() else MODEL_SOURCES[1]
 SLICE_VIEWS = ("Red", "Yellow", "Green")
 MODELS_FOLDER_WARNING_BYTES = 2_000_000_000  # the models list says so when the folder holds more

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from hssl.model_format import (CARD, DEFAULT_BUNDLED, FORMAT, META, WEIGHTS, ModelFormatError, bundled_init,
+from hssl.model_format import (CARD, DEFAULT_BUNDLED, DEFAULT_START, FORMAT, META, WEIGHTS, ModelFormatError, bundled_init,
                                bundled_model_names, bundled_models_dir, parse_init, read_meta)
 
 __all__ = ["CARD", "DEFAULT_BUNDLED", "FORMAT", "META", "PARENT_EXITED", "SOURCE_RECORD", "WEIGHTS",
@@ -95,9 +95,10 @@ def bundledModelsDir() -> Path:
 
 
 def autoStartsPretrained(root: str | os.PathLike | None = None) -> bool:
-    """Whether the engine's default start (``init: "auto"``) is the shipped default pretrained model
-    (it is whenever ``default`` is bundled; scratch otherwise): the same test the engine makes."""
-    return DEFAULT_BUNDLED in bundled_model_names(root)
+    """Whether the engine's default start (``init: "auto"``) is the shipped default pretrained model:
+    when the engine's ``DEFAULT_START`` is ``bundled`` and ``default`` is bundled (the same test the
+    engine makes); scratch otherwise."""
+    return DEFAULT_START == "bundled" and DEFAULT_BUNDLED in bundled_model_names(root)
 
 
 def readModelInfo(folder: str | os.PathLike, kind: str = "saved") -> ModelInfo:

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="3D volume: .nrrd, .nii(.gz), .mha or a DICOM series folder")
     p.add_argument("--labels", required=True, help="sparse annotation: labelmap or Slicer .seg.nrrd")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--init", default="auto", help="auto (the shipped default pretrained model if installed, else "
-                   "scratch) | scratch | bundled (the default pretrained model) | bundled:NAME (another shipped "
+    p.add_argument("--init", default="auto", help="auto (the default start, today scratch: no shipped "
+                   "pretrained model beats it on the development set) | scratch | bundled (the default pretrained model) | bundled:NAME (another shipped "
                    "model) | PATH of a model folder")
     _budget_args(p)
     p.add_argument("--slices", nargs="+", default=None, metavar="ORIENT:I[,J]",

@@ -24,7 +24,7 @@ from .device import autocast_dtype, is_oom, resolve_device
 from .errors import HSSLError, OutOfMemory
 from .io import Labels, LabelInfo, Volume
 from .losses import MaskedDiceCELoss
-from .model_format import bundled_model_dir, missing_bundled_message, parse_init
+from .model_format import DEFAULT_START, bundled_model_dir, missing_bundled_message, parse_init
 from .model_store import Model, load_model
 from .network import SegNet
 from .normalize import Normalization, for_modality
@@ -132,11 +132,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_init(init: str, progress: Progress | None = None) -> str:
-    """``auto``: the default pretrained model when the extension ships one, otherwise ``scratch``
-    (an engine installed without the module's Resources folder); anything else unchanged."""
+def resolve_init(init: str, progress: Progress | None = None, default_start: str = DEFAULT_START) -> str:
+    """``auto``: the default start (``model_format.DEFAULT_START``). That is ``scratch``, or, when it
+    is ``bundled``, the default pretrained model if the extension ships one and ``scratch`` with a
+    note otherwise (an engine installed without the module's Resources folder). Anything else is
+    returned unchanged."""
     if init != "auto":
         return init
+    if default_start != "bundled":
+        return "scratch"
     if (bundled_model_dir() / "model.json").is_file():
         return "bundled"
     if progress is not None:

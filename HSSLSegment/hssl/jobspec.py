@@ -85,7 +85,7 @@ class JobSpec:
     names: str | None = _key("names of a plain labelmap's values, e.g. `1=tumour,2=liver`", _TRAIN, "string")
     known_mask: str | None = _key("an explicit known-voxel mask (non-zero = annotated) instead of slices", _TRAIN,
                                   "path")
-    init: str = _key("where training starts: `auto` (the shipped default pretrained model, else scratch), "
+    init: str = _key("where training starts: `auto` (the default start, today `scratch`: see docs/results.md), "
                      "`scratch`, `bundled`, `bundled:NAME` or the absolute path of a model folder (warm start)",
                      _TRAIN, "string", "auto")
     time_budget: float | None = _key(f"seconds of training; default {DEFAULT_TIME_BUDGET_S:g} unless `steps` is "

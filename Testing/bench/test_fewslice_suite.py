@@ -16,6 +16,7 @@ SCRIPT = REPO / "scripts" / "benchmark.py"
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import devcases, methods, suite, suite_report  # noqa: E402
+from hssl.model_format import DEFAULT_START  # noqa: E402
 
 PEERS = (REPO / "scripts" / "bench" / "peers.py").is_file()
 
@@ -38,8 +39,10 @@ def test_every_method_runs_and_writes_its_prediction_on_the_grid(tiny):
     from hssl.io import read_labels
 
     out, results, stdout = tiny
-    expected = [m for m in methods.METHODS if methods.missing(m) is None]
-    assert {"ours", "ours-scratch", "monai"} <= set(expected)
+    expected = [m for m in methods.default_methods() if methods.missing(m) is None]
+    # ours starts where the product does (DEFAULT_START); the other start runs next to it.
+    other = "ours-pretrained" if DEFAULT_START == "scratch" else "ours-scratch"
+    assert {"ours", other, "monai"} <= set(expected) and len({"ours-scratch", "ours-pretrained"} & set(expected)) == 1
     assert sorted(r["method"] for r in results["units"]) == sorted(expected)
     if not PEERS:
         assert "skipped Fill between slices" in stdout and any("Grow from seeds" in n for n in results["notes"])
@@ -55,12 +58,13 @@ def test_every_method_runs_and_writes_its_prediction_on_the_grid(tiny):
         assert pred.shape == case.sparse.shape
         if r["method"] != "monai":  # the product and Slicer's effects keep what was painted
             assert np.array_equal(pred[case.annotation.known], case.sparse[case.annotation.known])
-        if r["method"] in ("ours", "ours-scratch", "monai"):
+        if r["method"] in ("ours", other, "monai"):
             assert r["steps"] == 3 and r["train_s"] > 0 and len(r["patch"]) == 3 and r["seed"] == 0
         else:
             assert r["seed"] is None and r["steps"] is None
     ours = {r["method"]: r for r in results["units"]}
-    assert ours["ours"]["init"] in ("bundled", "scratch") and ours["ours-scratch"]["init"] == "scratch"
+    assert ours["ours"]["init"] == DEFAULT_START and ours[other]["init"] == ("bundled" if DEFAULT_START == "scratch"
+                                                                            else "scratch")
 
 
 def test_the_table_has_every_method_side_by_side(tiny):
@@ -82,14 +86,14 @@ def test_a_run_continues_where_it_stopped(tiny, tmp_path):
     copy = tmp_path / "out"
     copy.mkdir()
     # As if killed after all but one unit: that unit alone runs again.
-    kept = [r for r in results["units"] if r["method"] != "ours-scratch"]
+    kept = [r for r in results["units"] if r["method"] != "monai"]
     (copy / "fewslice.json").write_text(json.dumps({**results, "units": kept}))
     proc = run_suite(copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 unit(s) to run" in proc.stdout
     again = json.loads((copy / "fewslice.json").read_text())
     assert sorted(r["method"] for r in again["units"]) == sorted(r["method"] for r in results["units"])
-    assert [r for r in again["units"] if r["method"] != "ours-scratch"] == kept  # the others untouched
+    assert [r for r in again["units"] if r["method"] != "monai"] == kept  # the others untouched
     # Other settings would not compare with these results: refused before anything runs.
     proc = run_suite(copy, "--steps", "4")
     assert proc.returncode != 0 and "other settings" in proc.stderr and "steps" in proc.stderr

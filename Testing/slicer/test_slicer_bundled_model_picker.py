@@ -15,8 +15,8 @@ import pytest
 
 from slicer_test_helpers import MODULE_DIR
 
-from HSSLSegmentLib.model_registry import (DEFAULT_BUNDLED, ModelError, ModelRegistry, bundledModelChoices,
-                                           readModelInfo)
+from HSSLSegmentLib.model_registry import (DEFAULT_BUNDLED, ModelError, ModelRegistry, autoStartsPretrained,
+                                           bundledModelChoices, readModelInfo)
 
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "HSSLSegment.ui"
 MODULE_FILE = MODULE_DIR / "HSSLSegment.py"
@@ -120,6 +120,17 @@ def test_bundled_init_mapping(models):
     assert registry.find(registry.bundledInit("default")).path == models / "default"
     with pytest.raises(ModelError, match="No pretrained model is bundled with this version: choose 'From scratch'"):
         ModelRegistry(models.parent / "nothing", models.parent / "saved").bundledInit("default")
+
+
+def test_the_default_start_follows_the_engine(models, monkeypatch):
+    """A new scene starts where ``init: auto`` starts: the engine's DEFAULT_START, pretrained only
+    when a default model is bundled."""
+    from HSSLSegmentLib import model_registry
+
+    monkeypatch.setattr(model_registry, "DEFAULT_START", "scratch")
+    assert not autoStartsPretrained(models)
+    monkeypatch.setattr(model_registry, "DEFAULT_START", "bundled")
+    assert autoStartsPretrained(models) and not autoStartsPretrained(models.parent / "nothing")
 
 
 # ---------------------------------------------------------------------- the Logic in HSSLSegment.py

@@ -161,9 +161,13 @@ def test_logic_defaults_and_parameter_node(moduleFile, tmp_path):
 
     logic = moduleFile.HSSLSegmentLogic()
     parameters = logic.getParameterNode()
-    # The default start is the engine's ("init": "auto"): the shipped default pretrained model.
+    # The default start is the engine's ("init": "auto"): from scratch while DEFAULT_START says so,
+    # else the shipped default pretrained model.
+    from hssl.model_format import DEFAULT_START
+
     shipsDefault = (MODULE_DIR / "Resources" / "Models" / "default" / "model.json").is_file()
-    assert parameters.modelSource == ("Pretrained (bundled)" if shipsDefault else "From scratch")
+    pretrained = DEFAULT_START == "bundled" and shipsDefault
+    assert parameters.modelSource == ("Pretrained (bundled)" if pretrained else "From scratch")
     assert parameters.device == "auto" and parameters.timeBudgetS == DEFAULT_TIME_BUDGET_S == 150
     assert parameters.currentModelPath == "" and moduleFile._modelPathOrNone(parameters.currentModelPath) is None
     assert moduleFile._modelPathOrNone(".") is None  # what a scene saved with a pathlib.Path field holds

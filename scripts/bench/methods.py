@@ -4,9 +4,11 @@ Every method takes the same painted slices (an ``hssl.fewslice.FewSliceCase``) a
 returns label values on the case's ``[z, y, x]`` grid:
 
 - ``ours``: the product path at its defaults, what ``hssl finetune --predict`` gives:
-  ``hssl.finetune.finetune`` (init ``auto``: the shipped pretrained model) and
-  ``hssl.workflow.predict_volume`` with the annotation (its region, post-processing);
-- ``ours-scratch``: the same from a random start (``--init scratch``);
+  ``hssl.finetune.finetune`` (init ``auto``: the default start, ``hssl.model_format.DEFAULT_START``)
+  and ``hssl.workflow.predict_volume`` with the annotation (its region, post-processing);
+- ``ours-scratch`` and ``ours-pretrained``: the same from a random start (``--init scratch``) and from
+  the shipped default pretrained model (``--init bundled``); a run leaves out the one that is the
+  default start (``default_methods``), which ``ours`` already is;
 - ``monai``: the plain MONAI pipeline (``baselines``) at the same wall-clock budget;
 - ``fill-between`` and ``grow-from-seeds``: the Segment Editor's "Fill between slices" and "Grow from
   seeds" through slicer-core (``bench.peers``); deterministic, so run once per case and slice count.
@@ -118,9 +120,22 @@ def ours(case, budget: Budget) -> Output:
     return _ours(case, budget, "auto")
 
 
-@register("ours-scratch", "ours, scratch", "ours")
+@register("ours-scratch", "ours, scratch start", "ours")
 def ours_scratch(case, budget: Budget) -> Output:
     return _ours(case, budget, "scratch")
+
+
+@register("ours-pretrained", "ours, pretrained start", "ours")
+def ours_pretrained(case, budget: Budget) -> Output:
+    return _ours(case, budget, "bundled")
+
+
+def default_methods() -> list[str]:
+    """Every method but the start that ``ours`` already has (``--init auto`` is ``DEFAULT_START``)."""
+    from hssl.model_format import DEFAULT_START
+
+    same = "ours-pretrained" if DEFAULT_START == "bundled" else "ours-scratch"
+    return [name for name in METHODS if name != same]
 
 
 @register("monai", "plain MONAI pipeline", "peer")

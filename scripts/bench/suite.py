@@ -58,7 +58,8 @@ def parse(argv: list[str]) -> tuple[SuiteSettings, argparse.Namespace]:
     p.add_argument("--slices", nargs="+", type=int, default=None, help=f"painted slices (default {' '.join(map(str, SLICES))})")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default {' '.join(map(str, SEEDS))}")
     p.add_argument("--methods", nargs="+", default=None, choices=list(methods.METHODS),
-                   help="default: all of them")
+                   help="default: all of them but the start that ours already has "
+                        "(ours-scratch while the default start is scratch)")
     p.add_argument("--time-budget", type=float, default=None,
                    help=f"training seconds of every learned method (default {DEFAULT_TIME_BUDGET_S:.0f})")
     p.add_argument("--steps", type=int, default=None, help="training steps instead of seconds")
@@ -84,7 +85,7 @@ def parse(argv: list[str]) -> tuple[SuiteSettings, argparse.Namespace]:
         raise SystemExit(f"error: unknown case(s) {unknown}: choose from {sorted(known)}")
     if any(n < 1 for n in slices) or a.threads < 1:
         raise SystemExit("error: --slices and --threads must be at least 1")
-    s = SuiteSettings(cases, slices, seeds, a.methods or list(methods.METHODS), time_budget, steps, a.threads,
+    s = SuiteSettings(cases, slices, seeds, a.methods or methods.default_methods(), time_budget, steps, a.threads,
                       a.device, a.tiny)
     return s, a
 
