@@ -151,7 +151,9 @@ def train_monai(image: np.ndarray, sparse: np.ndarray, known: np.ndarray, spacin
         RandFlipd(keys, prob=0.1, spatial_axis=0),
         RandFlipd(keys, prob=0.1, spatial_axis=1),
         RandFlipd(keys, prob=0.1, spatial_axis=2),
-        RandRotate90d(keys, prob=0.1, max_k=3, spatial_axes=(1, 2)),
+        # A quarter turn of a patch that is not square in-plane would change its shape (breast1's
+        # 32 x 80 x 32 patch: the batch could not be stacked); flips cover such a patch.
+        *([RandRotate90d(keys, prob=0.1, max_k=3, spatial_axes=(1, 2))] if patch[1] == patch[2] else []),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
     ])
     transforms.set_random_state(seed=seed)
