@@ -532,6 +532,9 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], overwr
         os.close(fd)
         tmp_path = Path(tmp)
         writer(tmp_path)
+        # mkstemp creates the file for its owner only; the output gets the permissions a plain
+        # open() would have given it (0666 less the umask), as every other tool's output does.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException as err:
         if tmp_path is not None:
@@ -542,6 +545,12 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], overwr
             raise failure from None
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, what: str = "file") -> Path:

@@ -176,3 +176,18 @@ def test_axis_names_follow_the_direction_matrix():
     # A volume stored sagittal-first: its array axis 0 points left-right.
     image.SetDirection((0, 0, 1, 0, 1, 0, 1, 0, 0))
     assert io.Geometry.from_sitk(image).axis_names() == ("sagittal", "coronal", "axial")
+
+
+@pytest.mark.skipif(not hasattr(io.os, "getuid"), reason="POSIX permissions")
+def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path):
+    """The temporary file is private (mkstemp: 0600); the finished output is not: 0666 less the umask."""
+    old = io.os.umask(0o022)
+    try:
+        out = io.atomic_write_text(tmp_path / "table.md", "| a |\n")
+        plain = tmp_path / "plain.md"
+        plain.write_text("| a |\n")
+        assert (out.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == 0o644
+        io.os.umask(0o077)
+        assert (io.atomic_write_text(tmp_path / "private.md", "x").stat().st_mode & 0o777) == 0o600
+    finally:
+        io.os.umask(old)
