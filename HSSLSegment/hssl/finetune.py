@@ -293,7 +293,8 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                         progress.log(_final_step_note(selection, table))
                         if opts.time_budget is not None:
                             per_window = selection["predict_seconds"] / max(selection["windows"], 1)
-                            reserve = _reserve(per_window, predict_region, plan, recipe, selection["chosen"])
+                            reserve = _reserve(per_window, predict_region, plan, recipe, selection["chosen"],
+                                               _refine_seconds(selection, predict_region))
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
@@ -383,17 +384,31 @@ def _forward_seconds(net: SegNet, plan, device: torch.device, dtype) -> float:
     return seconds
 
 
-def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: FinetuneRecipe, final_step: str) -> float:
+def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: FinetuneRecipe, final_step: str,
+             refine_seconds: float | None = None) -> float:
     """Seconds of a time budget to keep for the final prediction of ``region``: its estimated time
-    (windows x seconds per window; the intensity refinement adds about a quarter, measured on the
-    development set) minus the recipe's slack for it."""
+    (windows x seconds per window, plus the intensity refinement: ``refine_seconds`` when measured,
+    else about a quarter of the network's time, as measured on the development set) minus the
+    recipe's slack for it."""
     from .predict import window_count
     from .workflow import default_overlap
 
     extent = [r.stop - r.start for r in region]
     windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
-    estimate = per_window * windows * (1.25 if final_step != "network" else 1.0)
-    return max(0.0, estimate - recipe.first_prediction_slack_s)
+    network = per_window * windows
+    if refine_seconds is None:
+        refine_seconds = 0.25 * network if final_step != "network" else 0.0
+    return max(0.0, network + refine_seconds - recipe.first_prediction_slack_s)
+
+
+def _refine_seconds(selection: dict, region: tuple[slice, ...]) -> float:
+    """The intensity refinement's estimated seconds over ``region`` for the candidates the selection
+    chose: each one's time on the selection region, scaled by the voxel count (the grow is a
+    shortest-path search, about linear in the voxels)."""
+    needed = {selection["chosen"], *selection["per_class"].values()} - {"network"}
+    voxels = float(np.prod([r.stop - r.start for r in region]))
+    scale = voxels / max(selection["region_voxels"], 1)
+    return sum(selection["candidate_seconds"][name] for name in needed) * scale
 
 
 def _after_oom(batch_size: int, device: torch.device, net: SegNet, progress: Progress):
@@ -492,13 +507,16 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     sparse_r = np.where(known_r, target[region], 0)
     mask_r = holdout_region[region]
     classes = range(1, len(table) + 1)
-    scores = {}
+    scores, seconds = {}, {}
     for name in refine.CANDIDATES:
+        t = time.monotonic()
         pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, net.plan.spacing, recipe.refine_confidence)
+        seconds[name] = time.monotonic() - t
         scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
     margins = {"grow": recipe.grow_margin}
     return {"chosen": refine.choose(scores, margins=margins), "per_class": refine.choose_per_class(scores, margins=margins),
-            "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows}
+            "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows,
+            "candidate_seconds": seconds, "region_voxels": int(np.prod([r.stop - r.start for r in region]))}
 
 
 def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:

@@ -47,6 +47,14 @@ class FinetuneRecipe:
     # network+grow ended 0.06-0.13 better (mni_nuclei, mni_limbic); a segment the network did not
     # learn at all is grown anyway (hssl.workflow: its painted-slice fit).
     grow_margin: float = 0.2
+    # A segment the network did not learn (its Dice on its own painted slices below
+    # poor_heldout_dice) is grown from the painted slices: with the network's sure voxels of the
+    # other segments and of the background (network+grow) when that keeps at least this share of
+    # the voxels growing alone gives it, else alone (hssl.refine.unlearned_step). Development-set
+    # seed-0 runs: the network+grow result kept 70 % and 83 % (pallidum, caudate of mni_nuclei) and
+    # was better than growing alone there; it kept 51 % of the head CT's ventricles (which the
+    # network took for brain) and was worse (Dice 0.48 against 0.78).
+    unlearned_keep_share: float = 0.6
     # A time budget ends at the first prediction: training keeps back what the final prediction is
     # estimated to take beyond this many seconds.
     first_prediction_slack_s: float = 10.0

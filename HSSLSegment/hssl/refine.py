@@ -48,11 +48,14 @@ def painted_seeds(sparse: np.ndarray, known: np.ndarray, background: int) -> np.
 
 
 def network_seeds(probs: np.ndarray, sparse: np.ndarray, known: np.ndarray, background: int,
-                  confidence: float = CONFIDENCE, erode: int = ERODE) -> np.ndarray:
+                  confidence: float = CONFIDENCE, erode: int = ERODE, distrust: Sequence[int] = ()) -> np.ndarray:
     """Painted seeds plus the network's confident voxels. ``probs`` ``(C, z, y, x)``, class 0 =
-    background; ``sparse`` holds class indices 1..C-1. Painted voxels always win."""
+    background; ``sparse`` holds class indices 1..C-1. Painted voxels always win. The network's
+    voxels of a class in ``distrust`` (one it did not learn) seed nothing."""
     seeds = np.zeros(sparse.shape, dtype=np.int32)
     for c in range(probs.shape[0]):
+        if c in distrust:
+            continue
         sure = probs[c] >= confidence
         eroded = _erode(sure, erode)
         # A thin structure (cortical bone, a vessel wall) would lose most of its seeds to the erosion
@@ -66,11 +69,13 @@ def network_seeds(probs: np.ndarray, sparse: np.ndarray, known: np.ndarray, back
 
 
 def candidate(name: str, image: np.ndarray, probs: np.ndarray | None, sparse: np.ndarray, known: np.ndarray,
-              spacing_zyx: Sequence[float], confidence: float = CONFIDENCE, erode: int = ERODE) -> np.ndarray:
+              spacing_zyx: Sequence[float], confidence: float = CONFIDENCE, erode: int = ERODE,
+              distrust: Sequence[int] = ()) -> np.ndarray:
     """One candidate segmentation (class indices, 0 = background) of a region.
 
     image: the normalised intensities of the region; probs: the network's ``(C, z, y, x)``
-    probabilities there (not needed for ``grow``); sparse/known: the annotation in class indices.
+    probabilities there (not needed for ``grow``); sparse/known: the annotation in class indices;
+    distrust: classes whose network voxels seed nothing (``network_seeds``).
     """
     if name == "network":
         return probs.argmax(0).astype(np.uint8)
@@ -79,7 +84,7 @@ def candidate(name: str, image: np.ndarray, probs: np.ndarray | None, sparse: np
     if name == "grow":
         seeds = painted_seeds(sparse, known, background)
     elif name == "network+grow":
-        seeds = network_seeds(probs, sparse, known, background, confidence, erode)
+        seeds = network_seeds(probs, sparse, known, background, confidence, erode, distrust)
     else:
         raise ValueError(f"unknown candidate {name!r}: one of {CANDIDATES}")
     grown = grow_from_seeds(image, seeds, spacing_zyx)
@@ -118,14 +123,21 @@ def slice_dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, classes: Seq
 def choose(scores: dict[str, dict[int, float]], order: Sequence[str] | None = None,
            margins: dict[str, float] | None = None) -> str:
     """The candidate with the highest mean held-out Dice, less its handicap in ``margins``; ties go
-    to the earlier one in ``order`` (default ``PREFERENCE``)."""
+    to the earlier one in ``order`` (default ``PREFERENCE``).
+
+    The mean runs over every class that any candidate was scored on. ``slice_dice`` leaves out a
+    class that a candidate and the reference both lack, so a candidate missing a class another one
+    has a score for agreed with the reference that it is not there: it counts 1 for that class
+    (a candidate that puts a class on the slice where there is none must not win by having been
+    scored on fewer classes)."""
     margins = margins or {}
     order = PREFERENCE if order is None else order
+    classes = sorted({c for per in scores.values() for c in per})
     best, best_value = order[0], -np.inf
     for name in order:
-        if name not in scores or not scores[name]:
+        if name not in scores or not classes:
             continue
-        value = float(np.mean(list(scores[name].values()))) - margins.get(name, 0.0)
+        value = float(np.mean([scores[name].get(c, 1.0) for c in classes])) - margins.get(name, 0.0)
         if value > best_value + 1e-9:
             best, best_value = name, value
     return best
@@ -138,7 +150,7 @@ def choose_per_class(scores: dict[str, dict[int, float]], order: Sequence[str] |
     intensity refinement erodes away can then keep the network's result while a large one next to
     it takes the refined one."""
     classes = sorted({c for per in scores.values() for c in per})
-    return {c: choose({name: {c: per[c]} for name, per in scores.items() if c in per}, order, margins)
+    return {c: choose({name: {c: per[c]} if c in per else {} for name, per in scores.items()}, order, margins)
             for c in classes}
 
 
@@ -150,6 +162,19 @@ def compose(results: dict[str, np.ndarray], per_class: dict[int, str], default: 
     for c in classes:
         out[results[per_class.get(c, default)] == c] = c
     return out
+
+
+def unlearned_step(refined: np.ndarray, grown: np.ndarray, c: int, keep_share: float) -> tuple[str, float]:
+    """The final step for class ``c``, which the network did not learn (``painted_fit``): both
+    candidates grow it from the painted slices alone (``refined`` is ``network+grow`` with ``c``
+    distrusted, see ``network_seeds``), but ``network+grow`` also holds the network's sure voxels of
+    the other classes and of the background, which stop a leak or, where the network took the
+    structure for something else, erase it. ``network+grow`` is kept when it gives the class at
+    least ``keep_share`` of the voxels ``grow`` gives it, else ``grow``. Returns (the candidate,
+    that share)."""
+    grown_voxels = int(np.count_nonzero(grown == c))
+    share = np.count_nonzero(refined == c) / grown_voxels if grown_voxels else 1.0
+    return ("network+grow" if share >= keep_share else "grow"), float(share)
 
 
 def painted_fit(network: np.ndarray, sparse: np.ndarray, known: np.ndarray, classes: Sequence[int]) -> dict[int, float]:

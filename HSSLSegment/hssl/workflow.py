@@ -189,7 +189,8 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     while True:
         try:
             classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, precision=precision,
-                                           probabilities=probabilities or needed != {"network"},
+                                           probabilities=probabilities or needed != {"network"} or (
+                                               annotation is not None and final_step is None),
                                            on_progress=on_progress, roi=roi)
             break
         except OutOfMemory:
@@ -208,18 +209,25 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     progress.close()
     if annotation is not None:
         sparse = _class_indices(model, annotation[0])
+        unlearned = {}
         if final_step is None:
             # A segment the network does not even reproduce on its painted slices was not learned:
-            # its voxels come from the painted slices grown on the intensities instead.
-            unlearned = _unlearned(model, classes, sparse, annotation[1], roi)
-            for c, fit in unlearned.items():
-                per_class[c] = "grow"
-                progress.log(f"note: the network did not learn '{model.labels[c - 1].name}' (Dice {fit:.2f} on its "
-                             "painted slices): that segment is grown from the painted slices on the intensities")
-            needed = {final, *per_class.values()}
+            # it is grown from the painted slices (refine.unlearned_step), unless the held-out slice
+            # chose growing alone for it already.
+            unlearned = {c: fit for c, fit in _unlearned(model, classes, sparse, annotation[1], roi).items()
+                         if per_class.get(c, final) != "grow"}
+            if unlearned:
+                needed = {final, *per_class.values(), "network+grow", "grow"}
         if needed != {"network"}:
-            classes = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1], roi,
-                               _confidence(model))
+            classes, fallback = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1], roi,
+                                         _confidence(model), unlearned)
+            for c, (name, share) in fallback.items():
+                how = ("within the network's sure voxels of the other segments and of the background" if name == "network+grow"
+                       else "alone: within the network's sure voxels it would shrink to")
+                progress.log(f"note: the network did not learn '{model.labels[c - 1].name}' (Dice {unlearned[c]:.2f} "
+                             f"on its painted slices): that segment is grown from the painted slices on the "
+                             f"intensities, {how} {share:.0%} of its size grown alone")
+            per_class.update({c: name for c, (name, _) in fallback.items()})
     if not probabilities:
         probs = None
     # Network classes 1..N map back to the model's label values.
@@ -261,6 +269,15 @@ def _confidence(model: Model) -> float:
         return DEFAULT_RECIPE.refine_confidence
 
 
+def _keep_share(model: Model) -> float:
+    """The recipe's ``unlearned_keep_share`` as the model was trained (today's default otherwise)."""
+    recipe = (model.meta.get("training") or {}).get("recipe") or {}
+    try:
+        return FinetuneRecipe.from_json(recipe).unlearned_keep_share
+    except ValueError:
+        return DEFAULT_RECIPE.unlearned_keep_share
+
+
 def _class_indices(model: Model, values: np.ndarray) -> np.ndarray:
     """An annotation in label values as the network's class indices (0 elsewhere)."""
     sparse = np.zeros(values.shape, dtype=np.int32)
@@ -280,18 +297,24 @@ def _unlearned(model: Model, network: np.ndarray, sparse: np.ndarray, known: np.
 
 def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Model, x: np.ndarray,
              network: np.ndarray, probs: np.ndarray | None, sparse: np.ndarray, known: np.ndarray, roi,
-             confidence: float):
+             confidence: float, unlearned: dict[int, float] | None = None):
     """Network classes after the final step: each class from the candidate chosen for it
-    (``per_class``, else ``final``), computed inside ``roi`` (background outside)."""
+    (``per_class``, else ``final``), computed inside ``roi`` (background outside); a class in
+    ``unlearned`` from ``refine.unlearned_step`` instead (whose network voxels seed nothing in
+    ``network+grow``). Returns the classes and, per unlearned class, (the candidate used, the size of
+    its network+grow result as a share of its grow result)."""
     region = roi if roi is not None else tuple(slice(0, n) for n in x.shape)
     probs_r = probs[(slice(None), *region)].astype(np.float32) if probs is not None else None
     results = {name: (network[region] if name == "network" else
                       refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
-                                              model.plan.spacing, confidence))
+                                              model.plan.spacing, confidence, distrust=tuple(unlearned or ())))
                for name in needed}
+    fallback = {c: refine_module.unlearned_step(results["network+grow"], results["grow"], c, _keep_share(model))
+                for c in sorted(unlearned or {})}
+    chosen = {**per_class, **{c: name for c, (name, _) in fallback.items()}}
     out = np.zeros(x.shape, dtype=np.uint8)
-    out[region] = refine_module.compose(results, per_class, final, range(1, len(model.labels) + 1))
-    return out
+    out[region] = refine_module.compose(results, chosen, final, range(1, len(model.labels) + 1))
+    return out, fallback
 
 
 def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float | None = None,

@@ -85,14 +85,32 @@ def test_slice_dice_and_choose():
     ref = np.array([[1, 0, 0, 2]])
     mask = np.ones_like(pred, bool)
     assert refine.slice_dice(pred, ref, mask, [1, 2, 3]) == pytest.approx({1: 2 / 3, 2: 1.0})
-    scores = {"network": {1: 0.5}, "network+grow": {1: 0.7, 2: 0.7}, "grow": {1: 0.9, 2: 0.4}}
+    scores = {"network": {1: 0.5, 2: 0.7}, "network+grow": {1: 0.7, 2: 0.7}, "grow": {1: 0.9, 2: 0.4}}
     assert refine.choose(scores) == "network+grow"
     assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}) == "network+grow"  # ties: PREFERENCE
     assert refine.choose({"network": {1: 0.6}, "network+grow": {1: 0.6}}, order=refine.CANDIDATES) == "network"
-    assert refine.choose({"network": {}, "grow": {1: 0.1}}) == "grow"
+    assert refine.choose({"network": {1: 0.0}, "grow": {1: 0.1}}) == "grow"
     margins = {"grow": 0.05}
     assert refine.choose({"network+grow": {1: 0.52}, "grow": {1: 0.55}}, margins=margins) == "network+grow"
     assert refine.choose({"network+grow": {1: 0.52}, "grow": {1: 0.60}}, margins=margins) == "grow"
+
+
+def test_a_class_a_candidate_rightly_leaves_off_the_held_out_slice_counts_for_it():
+    # Held-out slice: class 1 (hippocampus) is there, class 2 (amygdala) is not. The network puts
+    # some class 2 on it (Dice 0 for class 2); network+grow and grow do not (no score: both absent).
+    pred_network = np.array([[1, 1, 2, 0]])
+    pred_refined = np.array([[1, 0, 0, 0]])
+    ref = np.array([[1, 1, 0, 0]])
+    mask = np.ones_like(ref, bool)
+    scores = {"network": refine.slice_dice(pred_network, ref, mask, [1, 2]),
+              "network+grow": refine.slice_dice(pred_refined, ref, mask, [1, 2]),
+              "grow": refine.slice_dice(pred_refined, ref, mask, [1, 2])}
+    assert scores["network"] == pytest.approx({1: 1.0, 2: 0.0}) and scores["network+grow"] == pytest.approx({1: 2 / 3})
+    # Class 1 goes to the network; class 2 to the candidate that rightly has none of it there, not
+    # to the only candidate scored on it.
+    assert refine.choose_per_class(scores, margins={"grow": 0.2}) == {1: "network", 2: "network+grow"}
+    # Overall: network 0.5 (1.0 and 0.0), network+grow 0.83 (2/3 and 1).
+    assert refine.choose(scores, margins={"grow": 0.2}) == "network+grow"
 
 
 def test_the_command_line_offers_every_candidate():
@@ -103,7 +121,7 @@ def test_the_command_line_offers_every_candidate():
 
 
 def test_per_class_choice_and_composition():
-    scores = {"network": {1: 0.75, 2: 0.6}, "network+grow": {1: 0.06, 2: 0.99}, "grow": {2: 0.99}}
+    scores = {"network": {1: 0.75, 2: 0.6}, "network+grow": {1: 0.06, 2: 0.99}, "grow": {1: 0.0, 2: 0.99}}
     per_class = refine.choose_per_class(scores, margins={"grow": 0.05})
     assert per_class == {1: "network", 2: "network+grow"}
     a = np.array([[1, 1, 0, 2]])  # "network"
@@ -185,3 +203,80 @@ def test_a_segment_the_network_did_not_learn_is_grown_and_the_log_says_so():
     # Asked for explicitly, the network alone is what the user gets: the painted slice, nothing else.
     forced = predict_volume(model, volume, "cpu", annotation=annotation, final_step="network", progress=progress)
     assert forced.labels[~known].sum() == 0
+
+
+def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement():
+    from types import SimpleNamespace
+
+    from hssl.finetune import _refine_seconds, _reserve
+    from hssl.recipe import DEFAULT_RECIPE
+
+    # The selection timed each candidate on a 1,000-voxel region; the final region has 4,000.
+    selection = {"chosen": "network+grow", "per_class": {1: "network", 2: "grow"},
+                 "candidate_seconds": {"network": 0.1, "network+grow": 2.0, "grow": 1.0}, "region_voxels": 1000}
+    region = (slice(0, 10), slice(0, 20), slice(0, 20))
+    assert _refine_seconds(selection, region) == pytest.approx((2.0 + 1.0) * 4)
+    only_network = {**selection, "chosen": "network", "per_class": {1: "network"}}
+    assert _refine_seconds(only_network, region) == 0.0
+    plan = SimpleNamespace(patch_size=(10, 20, 20))  # one window covers the region
+    slack = DEFAULT_RECIPE.first_prediction_slack_s
+    assert _reserve(3.0, region, plan, DEFAULT_RECIPE, "network+grow", refine_seconds=12.0) == pytest.approx(15.0 - slack)
+    # Before anything is measured the refinement is taken as a quarter of the network's time.
+    assert _reserve(40.0, region, plan, DEFAULT_RECIPE, "network+grow") == pytest.approx(50.0 - slack)
+    assert _reserve(40.0, region, plan, DEFAULT_RECIPE, "network") == pytest.approx(40.0 - slack)
+    assert _reserve(1.0, region, plan, DEFAULT_RECIPE, "network") == 0.0
+
+
+def test_an_unlearned_segment_keeps_network_plus_grow_only_where_the_network_merely_trims_it():
+    grown = np.zeros((4, 10), np.uint8)
+    grown[:, :5] = 1  # growing alone: 20 voxels of class 1
+    trimmed = grown.copy()
+    trimmed[:, 4] = 0  # the network's sure background trims a leak: 16 voxels kept
+    erased = np.zeros_like(grown)
+    erased[1, :2] = 1  # the network's sure voxels cover the structure: 2 voxels left
+    assert refine.unlearned_step(trimmed, grown, 1, 0.5) == ("network+grow", pytest.approx(0.8))
+    assert refine.unlearned_step(erased, grown, 1, 0.5) == ("grow", pytest.approx(0.1))
+    assert refine.unlearned_step(erased, np.zeros_like(grown), 1, 0.5)[0] == "network+grow"  # nothing to compare
+
+
+def test_the_network_voxels_of_a_distrusted_class_seed_nothing():
+    probs = np.zeros((3, 4, 9, 9), np.float32)
+    probs[0] = 1.0
+    probs[:, :, :, 5:] = 0.0
+    probs[2, :, :, 5:] = 1.0  # the network is sure of class 2 on the right half
+    sparse = np.zeros((4, 9, 9), np.int32)
+    known = np.zeros((4, 9, 9), bool)
+    trusted = refine.network_seeds(probs, sparse, known, background=3, erode=0)
+    distrusted = refine.network_seeds(probs, sparse, known, background=3, erode=0, distrust=(2,))
+    assert (trusted[:, :, 5:] == 2).all() and (distrusted[:, :, 5:] == 0).all()
+    assert (distrusted[:, :, :5] == 3).all()  # the background is still seeded
+
+
+def test_an_unlearned_segment_is_grown_within_the_networks_sure_background(monkeypatch):
+    from hssl import workflow
+    from hssl.progress import Progress
+    from test_product_units import _model, _volume
+
+    image, truth = _bright_box()
+    image[6:10, 14:16, 20:] = 0.8  # a bright corridor off the painted slice, from the box to the edge: a leak
+    probs = np.full((2, *image.shape), 0.5, np.float16)  # unsure everywhere...
+    probs[0, :, :, 23:], probs[1, :, :, 23:] = 1.0, 0.0  # ...but sure of the background at x >= 23
+    nothing = np.zeros(image.shape, np.uint8)  # the network predicts no voxel of 'a', not even painted ones
+    monkeypatch.setattr(workflow, "predict_array", lambda *args, **kwargs: (nothing, probs))
+    model = _model()
+    model.meta = {"training": {"final_step": {"chosen": "network"}}}
+    volume = _volume(image.shape)
+    volume.array = (image * 100).astype(np.float32)
+    known = known_mask(truth.shape, [SliceRef(0, 5)])
+    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
+    notes = []
+    progress = Progress(bar=False)
+    progress.log = notes.append
+    pred = workflow.predict_volume(model, volume, "cpu", annotation=annotation, progress=progress)
+    alone = workflow.predict_volume(model, volume, "cpu", annotation=annotation, final_step="grow")
+    assert (alone.labels[6:10, 14:16, 20:] == 1).all()  # growing alone fills the corridor
+    assert pred.per_segment == {"a": "network+grow"}
+    # The sure background stops the leak; seeded inside the bright corridor it also takes back a few
+    # box voxels at the corridor's mouth, where its paths are as short as the painted slice's.
+    assert (pred.labels[:, :, 22:] == 0).all() and (pred.labels[truth == 1] == 1).mean() > 0.95
+    assert len(notes) == 1 and "did not learn 'a'" in notes[0] and "within the network's sure voxels" in notes[0]
