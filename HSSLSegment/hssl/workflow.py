@@ -260,22 +260,24 @@ def model_final_step(model: Model) -> tuple[str, dict[int, str]]:
     return record.get("chosen", "network"), {by_name[seg]: name for seg, name in per_segment.items() if seg in by_name}
 
 
-def _confidence(model: Model) -> float:
-    """The network confidence that seeds the intensity refinement, as the model was trained."""
+def _trained_recipe(model: Model) -> FinetuneRecipe:
+    """The recipe the model was fine-tuned with (today's defaults for what its record lacks, or for
+    all of it when the record is unreadable)."""
     recipe = (model.meta.get("training") or {}).get("recipe") or {}
     try:
-        return FinetuneRecipe.from_json(recipe).refine_confidence
+        return FinetuneRecipe.from_json(recipe)
     except ValueError:
-        return DEFAULT_RECIPE.refine_confidence
+        return DEFAULT_RECIPE
+
+
+def _confidence(model: Model) -> float:
+    """The network confidence that seeds the intensity refinement, as the model was trained."""
+    return _trained_recipe(model).refine_confidence
 
 
 def _keep_share(model: Model) -> float:
-    """The recipe's ``unlearned_keep_share`` as the model was trained (today's default otherwise)."""
-    recipe = (model.meta.get("training") or {}).get("recipe") or {}
-    try:
-        return FinetuneRecipe.from_json(recipe).unlearned_keep_share
-    except ValueError:
-        return DEFAULT_RECIPE.unlearned_keep_share
+    """The recipe's ``unlearned_keep_share`` as the model was trained."""
+    return _trained_recipe(model).unlearned_keep_share
 
 
 def _class_indices(model: Model, values: np.ndarray) -> np.ndarray:

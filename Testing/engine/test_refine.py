@@ -173,12 +173,29 @@ def test_network_seeds_keep_a_thin_structure_whole():
     assert seeds[2, 0, 0] == 2 and seeds[2, 4, 5] == 0  # background is still eroded next to the wall
 
 
+def _painted_slice_case(image, truth):
+    """A one-segment test model whose record chose the network alone, the volume of ``image``, its
+    painted slice z=5, and a progress whose log lines are collected in ``notes``."""
+    from hssl.progress import Progress
+    from test_product_units import _model, _volume
+
+    model = _model()
+    model.meta = {"training": {"final_step": {"chosen": "network"}}}
+    volume = _volume(image.shape)
+    volume.array = (image * 100).astype(np.float32)
+    known = known_mask(truth.shape, [SliceRef(0, 5)])
+    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
+    notes = []
+    progress = Progress(bar=False)
+    progress.log = notes.append
+    return model, volume, known, annotation, notes, progress
+
+
 def test_a_segment_the_network_did_not_learn_is_grown_and_the_log_says_so():
     import torch
 
-    from hssl.progress import Progress
     from hssl.workflow import predict_volume
-    from test_product_units import Threshold, _model, _volume
+    from test_product_units import Threshold
 
     class Nowhere(Threshold):
         """A network that never predicts segment 'a', not even on its painted slice."""
@@ -186,17 +203,9 @@ def test_a_segment_the_network_did_not_learn_is_grown_and_the_log_says_so():
         def forward(self, x):
             return torch.cat([torch.full_like(x, 10.0), torch.zeros_like(x)], dim=1)
 
-    model = _model()
-    model.net = Nowhere(model.net.plan.patch_size)
-    model.meta = {"training": {"final_step": {"chosen": "network"}}}
-    volume = _volume((12, 30, 30))
     image, truth = _bright_box()
-    volume.array = (image * 100).astype(np.float32)
-    known = known_mask(truth.shape, [SliceRef(0, 5)])
-    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
-    notes = []
-    progress = Progress(bar=False)
-    progress.log = notes.append
+    model, volume, known, annotation, notes, progress = _painted_slice_case(image, truth)
+    model.net = Nowhere(model.net.plan.patch_size)
     pred = predict_volume(model, volume, "cpu", annotation=annotation, progress=progress)
     assert pred.per_segment == {"a": "grow"} and np.array_equal(pred.labels, truth)
     assert len(notes) == 1 and "did not learn 'a'" in notes[0]
@@ -254,8 +263,6 @@ def test_the_network_voxels_of_a_distrusted_class_seed_nothing():
 
 def test_an_unlearned_segment_is_grown_within_the_networks_sure_background(monkeypatch):
     from hssl import workflow
-    from hssl.progress import Progress
-    from test_product_units import _model, _volume
 
     image, truth = _bright_box()
     image[6:10, 14:16, 20:] = 0.8  # a bright corridor off the painted slice, from the box to the edge: a leak
@@ -263,15 +270,7 @@ def test_an_unlearned_segment_is_grown_within_the_networks_sure_background(monke
     probs[0, :, :, 23:], probs[1, :, :, 23:] = 1.0, 0.0  # ...but sure of the background at x >= 23
     nothing = np.zeros(image.shape, np.uint8)  # the network predicts no voxel of 'a', not even painted ones
     monkeypatch.setattr(workflow, "predict_array", lambda *args, **kwargs: (nothing, probs))
-    model = _model()
-    model.meta = {"training": {"final_step": {"chosen": "network"}}}
-    volume = _volume(image.shape)
-    volume.array = (image * 100).astype(np.float32)
-    known = known_mask(truth.shape, [SliceRef(0, 5)])
-    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
-    notes = []
-    progress = Progress(bar=False)
-    progress.log = notes.append
+    model, volume, known, annotation, notes, progress = _painted_slice_case(image, truth)
     pred = workflow.predict_volume(model, volume, "cpu", annotation=annotation, progress=progress)
     alone = workflow.predict_volume(model, volume, "cpu", annotation=annotation, final_step="grow")
     assert (alone.labels[6:10, 14:16, 20:] == 1).all()  # growing alone fills the corridor
