@@ -186,26 +186,27 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
     def on_progress(done: int, total: int) -> None:
         progress.update("predict", done, total, eta_s=eta.remaining(done / max(total, 1)), device=dev.type)
 
-    while True:
-        try:
-            classes, probs = predict_array(model, x, dev, overlap, sw_batch_size, precision=precision,
-                                           probabilities=probabilities or needed != {"network"} or (
-                                               annotation is not None and final_step is None),
-                                           on_progress=on_progress, roi=roi)
-            break
-        except OutOfMemory:
-            if dev.type != "cuda":
-                raise
-            import torch
+    def infer(with_probabilities: bool):
+        nonlocal dev, sw_batch_size
+        while True:
+            try:
+                return predict_array(model, x, dev, overlap, sw_batch_size, precision=precision,
+                                     probabilities=with_probabilities, on_progress=on_progress, roi=roi)
+            except OutOfMemory:
+                if dev.type != "cuda":
+                    raise
+                import torch
 
-            torch.cuda.empty_cache()
-            if sw_batch_size > 1:
-                sw_batch_size = 1
-                progress.log("GPU out of memory while predicting: retrying with --sw-batch-size 1")
-            else:
-                dev = torch.device("cpu")
-                progress.log("GPU out of memory while predicting even with one window at a time: "
-                             "continuing on the CPU (slower)")
+                torch.cuda.empty_cache()
+                if sw_batch_size > 1:
+                    sw_batch_size = 1
+                    progress.log("GPU out of memory while predicting: retrying with --sw-batch-size 1")
+                else:
+                    dev = torch.device("cpu")
+                    progress.log("GPU out of memory while predicting even with one window at a time: "
+                                 "continuing on the CPU (slower)")
+
+    classes, probs = infer(probabilities or needed != {"network"})
     progress.close()
     if annotation is not None:
         sparse = _class_indices(model, annotation[0])
@@ -218,9 +219,14 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                          if per_class.get(c, final) != "grow"}
             if unlearned:
                 needed = {final, *per_class.values(), "network+grow", "grow"}
+                if probs is None:
+                    # The model chose the network alone, so its probabilities were not kept (they
+                    # cost a float16 copy of the volume per class); network+grow needs them.
+                    _, probs = infer(True)
+                    progress.close()
         if needed != {"network"}:
             classes, fallback = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1], roi,
-                                         _confidence(model), unlearned)
+                                         _trained_recipe(model), unlearned)
             for c, (name, share) in fallback.items():
                 how = ("within the network's sure voxels of the other segments and of the background" if name == "network+grow"
                        else "alone: within the network's sure voxels it would shrink to")
@@ -270,16 +276,6 @@ def _trained_recipe(model: Model) -> FinetuneRecipe:
         return DEFAULT_RECIPE
 
 
-def _confidence(model: Model) -> float:
-    """The network confidence that seeds the intensity refinement, as the model was trained."""
-    return _trained_recipe(model).refine_confidence
-
-
-def _keep_share(model: Model) -> float:
-    """The recipe's ``unlearned_keep_share`` as the model was trained."""
-    return _trained_recipe(model).unlearned_keep_share
-
-
 def _class_indices(model: Model, values: np.ndarray) -> np.ndarray:
     """An annotation in label values as the network's class indices (0 elsewhere)."""
     sparse = np.zeros(values.shape, dtype=np.int32)
@@ -299,9 +295,10 @@ def _unlearned(model: Model, network: np.ndarray, sparse: np.ndarray, known: np.
 
 def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Model, x: np.ndarray,
              network: np.ndarray, probs: np.ndarray | None, sparse: np.ndarray, known: np.ndarray, roi,
-             confidence: float, unlearned: dict[int, float] | None = None):
+             recipe: FinetuneRecipe, unlearned: dict[int, float] | None = None):
     """Network classes after the final step: each class from the candidate chosen for it
-    (``per_class``, else ``final``), computed inside ``roi`` (background outside); a class in
+    (``per_class``, else ``final``), computed inside ``roi`` (background outside) with the
+    ``recipe`` the model was trained with; a class in
     ``unlearned`` from ``refine.unlearned_step`` instead (whose network voxels seed nothing in
     ``network+grow``). Returns the classes and, per unlearned class, (the candidate used, the size of
     its network+grow result as a share of its grow result)."""
@@ -309,9 +306,10 @@ def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Mod
     probs_r = probs[(slice(None), *region)].astype(np.float32) if probs is not None else None
     results = {name: (network[region] if name == "network" else
                       refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
-                                              model.plan.spacing, confidence, distrust=tuple(unlearned or ())))
+                                              model.plan.spacing, recipe.refine_confidence,
+                                              distrust=tuple(unlearned or ())))
                for name in needed}
-    fallback = {c: refine_module.unlearned_step(results["network+grow"], results["grow"], c, _keep_share(model))
+    fallback = {c: refine_module.unlearned_step(results["network+grow"], results["grow"], c, recipe.unlearned_keep_share)
                 for c in sorted(unlearned or {})}
     chosen = {**per_class, **{c: name for c, (name, _) in fallback.items()}}
     out = np.zeros(x.shape, dtype=np.uint8)
