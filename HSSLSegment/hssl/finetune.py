@@ -255,7 +255,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                  f"{[s.name(names) for s in annotation.slices]}, patch {plan.patch_size}, "
                  f"held out: {holdout.name(names) if holdout else 'none'}")
 
-    selection = None
+    selection, skipped_selection, window_seconds = None, None, None
     history: list[dict] = []
     step, stopped, heldout_dice, eval_seconds = 0, False, None, 0.0
     # A time budget is the time to the first prediction: training keeps back what the final
@@ -286,7 +286,16 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
-                    if opts.final_step == "auto":
+                    cost = None
+                    if opts.final_step == "auto" and window_seconds is not None:
+                        cost = _selection_seconds(window_seconds, annotation.slices, holdout, roi, target.shape, plan,
+                                                  recipe)
+                    if cost is not None and cost > recipe.selection_share * opts.time_budget:
+                        skipped_selection = cost
+                        progress.log(f"note: choosing the final step on the held-out slice would take about {cost:.0f} s "
+                                     f"of the {opts.time_budget:.0f} s budget, which training keeps: the final step "
+                                     f"is {recipe.final_step}")
+                    elif opts.final_step == "auto":
                         selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, roi,
                                                        table, normalization, device, precision, recipe)
                         progress.event("final_step", **_final_step_event(selection, table))
@@ -322,9 +331,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                 continue
             step += 1
             if step == 3 and opts.time_budget is not None:
-                per_window = _forward_seconds(net, plan, device, dtype)
+                window_seconds = _forward_seconds(net, plan, device, dtype)
                 default_final = opts.final_step if opts.final_step != "auto" else recipe.final_step
-                reserve = _reserve(per_window, predict_region, plan, recipe, default_final)
+                reserve = _reserve(window_seconds, predict_region, plan, recipe, default_final)
             fraction = _fraction(step, eta.elapsed(), opts, reserve)
             total = opts.steps if opts.steps is not None else max(step, int(round(step / max(fraction, 1e-9))))
             record = {"step": step, "loss": float(loss.item()), "heldout_dice": heldout_dice,
@@ -350,7 +359,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
             "roi_zyx": [[r.start, r.stop] for r in roi] if roi is not None else None,
-            "final_step": _final_step_record(selection, opts, table),
+            "final_step": _final_step_record(selection, opts, table, skipped_selection),
             "log": history[:: max(1, len(history) // 200)],
         }
     }
@@ -399,6 +408,19 @@ def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: Finetun
     if refine_seconds is None:
         refine_seconds = 0.25 * network if final_step != "network" else 0.0
     return max(0.0, network + refine_seconds - recipe.first_prediction_slack_s)
+
+
+def _selection_seconds(per_window: float, slices: Sequence[SliceRef], holdout: SliceRef, roi, shape: Sequence[int],
+                       plan, recipe: FinetuneRecipe) -> float:
+    """Estimated seconds of ``_select_final_step``: the network over its region (windows x seconds per
+    window) and both intensity candidates there (``recipe.grow_seconds_per_voxel``)."""
+    from .predict import window_count
+    from .workflow import default_overlap
+
+    region = refine.selection_region(slices, holdout, roi, shape)
+    extent = [r.stop - r.start for r in region]
+    windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
+    return per_window * windows + recipe.grow_seconds_per_voxel * float(np.prod(extent))
 
 
 def _refine_seconds(selection: dict, region: tuple[slice, ...]) -> float:
@@ -510,7 +532,8 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     scores, seconds = {}, {}
     for name in refine.CANDIDATES:
         t = time.monotonic()
-        pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, net.plan.spacing, recipe.refine_confidence)
+        pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, net.plan.spacing, recipe.refine_confidence,
+                                span_margin=recipe.grow_span_margin)
         seconds[name] = time.monotonic() - t
         scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
     margins = {"grow": recipe.grow_margin}
@@ -552,10 +575,15 @@ def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:
     return note
 
 
-def _final_step_record(selection: dict | None, opts: FinetuneOptions, table: list[LabelInfo]) -> dict:
-    """What model.json says about the final segmentation step (read back by prediction)."""
+def _final_step_record(selection: dict | None, opts: FinetuneOptions, table: list[LabelInfo],
+                       skipped: float | None = None) -> dict:
+    """What model.json says about the final segmentation step (read back by prediction); ``skipped``:
+    the estimated seconds of a held-out choice that was too expensive to run."""
     if opts.final_step != "auto":
         return {"chosen": opts.final_step, "by": "option"}
+    if skipped is not None:
+        return {"chosen": opts.recipe.final_step,
+                "by": f"default (the held-out choice would have taken about {skipped:.0f} s of the budget)"}
     if selection is None:
         return {"chosen": opts.recipe.final_step, "by": "default (no held-out slice)"}
     return {**_final_step_event(selection, table), "by": "held-out slice"}

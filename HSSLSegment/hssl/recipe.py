@@ -40,6 +40,9 @@ class FinetuneRecipe:
     # else this candidate; network voxels this sure of their class seed the intensity refinement.
     final_step: str = "network+grow"
     refine_confidence: float = 0.9
+    # grow (painted slices alone) stays within the painted slices' span plus this share of it on
+    # either side (hssl.refine.painted_span).
+    grow_span_margin: float = 0.25
     poor_heldout_dice: float = 0.5  # below this on the held-out slice a segment is reported as poorly learned
     # The intensity-only candidate must beat the network's by this much on the held-out slice: it is
     # scored on the network as trained with the slice left out (70 % of the budget), and the network
@@ -55,6 +58,19 @@ class FinetuneRecipe:
     # was better than growing alone there; it kept 51 % of the head CT's ventricles (which the
     # network took for brain) and was worse (Dice 0.48 against 0.78).
     unlearned_keep_share: float = 0.6
+    # A segment whose prediction has more voxels on a face of the region around the painting than
+    # this times its largest painted slice leaked there; outside the box of its painted voxels it is
+    # grown from the painted slices instead (hssl.refine.leaking, confine). Reference structures of
+    # the development set have at most 0.03 there; brain2's tumour network had 14 (9628 voxels
+    # predicted for 368).
+    leak_face_ratio: float = 1.0
+    # The held-out choice of the final step predicts the region between the held-out slice's painted
+    # neighbours and runs each intensity candidate there. When that is estimated (a timed forward
+    # pass per window, grow_seconds_per_voxel for both intensity candidates together, as measured on
+    # 2 cores) to take more than this share of a time budget, it is skipped and the final step is
+    # final_step: on lung2's 512 x 512 chest CT it took 42 of 150 s and left 134 training steps.
+    selection_share: float = 0.1
+    grow_seconds_per_voxel: float = 3e-6
     # A time budget ends at the first prediction: training keeps back what the final prediction is
     # estimated to take beyond this many seconds.
     first_prediction_slack_s: float = 10.0

@@ -1,8 +1,13 @@
 """Training patches from a sparsely annotated volume.
 
-Every patch is centred (with jitter) on a known voxel, so every patch contains annotated voxels;
-with probability ``fg_fraction`` the centre is a foreground voxel of a class chosen uniformly, so
-small structures are not drowned by background. Augmentations (``PatchAugment``) respect
+Every patch holds a known voxel chosen at random; with probability ``fg_fraction`` a foreground
+voxel of a class chosen uniformly, so small structures are not drowned by background. Along an axis
+across the painted slices (one along which some slice is known whole) that voxel may sit anywhere
+in the patch: the loss only sees the painted slices, so a patch that always had them near its
+middle would leave the network untrained at its ends, which is where a sliding window's edges and
+the slices beyond the painting are predicted (measured: a lung CT's bone predicted over the whole
+body on the two slices where axial windows meet, a brain tumour leaking to the region's end).
+Along the other axes the voxel stays within a quarter patch of the middle. Augmentations (``PatchAugment``) respect
 anisotropy: flips and 90-degree rotations only act in the axes of comparable spacing.
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ class PatchSampler:
         flat_target = self.target.reshape(-1)
         known_fg = flat_target[self.known_idx]
         self.fg_idx = {int(c): self.known_idx[known_fg == c] for c in np.unique(known_fg) if c != 0}
+        self.across = np.array([_has_whole_slice(known, a) for a in range(3)])  # before the padding
 
     def _subsample(self, idx: np.ndarray) -> np.ndarray:
         if idx.size > MAX_CENTRES:
@@ -49,13 +55,21 @@ class PatchSampler:
         """One patch: ``image`` (1, Z, Y, X) float32, ``label`` (1, Z, Y, X) int64, ``known`` (1, Z, Y, X) float32."""
         c = self.centre()
         jitter = self.rng.integers(-(self.patch // 4), self.patch // 4 + 1)
-        start = np.clip(c - self.patch // 2 + jitter, 0, np.array(self.image.shape) - self.patch)
+        # Across the painted slices the chosen voxel's place in the patch is uniform.
+        offset = np.where(self.across, self.rng.integers(0, self.patch), self.patch // 2 - jitter)
+        start = np.clip(c - offset, 0, np.array(self.image.shape) - self.patch)
         # The jitter must not push the chosen voxel out of the patch.
         start = np.clip(start, c - self.patch + 1, c)
         sl = tuple(slice(int(s), int(s + p)) for s, p in zip(start, self.patch))
         return {"image": self.image[sl][None].astype(np.float32),
                 "label": self.target[sl][None].astype(np.int64),
                 "known": self.known[sl][None].astype(np.float32)}
+
+
+def _has_whole_slice(known: np.ndarray, axis: int) -> bool:
+    """True when some slice of ``known`` along ``axis`` is known in every voxel (a painted slice)."""
+    other = tuple(a for a in range(3) if a != axis)
+    return bool(known.all(axis=other).any())
 
 
 class PatchAugment:

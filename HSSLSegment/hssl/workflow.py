@@ -224,9 +224,11 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                     # cost a float16 copy of the volume per class); network+grow needs them.
                     _, probs = infer(True)
                     progress.close()
+        recipe = _trained_recipe(model)
+        grown = None
         if needed != {"network"}:
-            classes, fallback = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1], roi,
-                                         _trained_recipe(model), unlearned)
+            classes, fallback, grown = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1],
+                                                roi, recipe, unlearned)
             for c, (name, share) in fallback.items():
                 how = ("within the network's sure voxels of the other segments and of the background" if name == "network+grow"
                        else "alone: within the network's sure voxels it would shrink to")
@@ -234,6 +236,14 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                              f"on its painted slices): that segment is grown from the painted slices on the "
                              f"intensities, {how} {share:.0%} of its size grown alone")
             per_class.update({c: name for c, (name, _) in fallback.items()})
+        if final_step is None:
+            classes, confined = _confined(model, x, classes, sparse, annotation[1], roi, recipe, final, per_class, grown)
+            for c, (face, section) in confined.items():
+                progress.log(f"note: '{model.labels[c - 1].name}' runs to the edge of the region around the painted "
+                             f"slices ({face} voxels on one face, {section} on its fullest painted slice): the network "
+                             "leaked there, so beyond its painted voxels that segment is grown from the painted slices "
+                             "on the intensities; paint its outermost slices to check it")
+            per_class.update({c: f"{per_class.get(c, final)}, grow beyond the painting" for c in confined})
     if not probabilities:
         probs = None
     # Network classes 1..N map back to the model's label values.
@@ -307,14 +317,39 @@ def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Mod
     results = {name: (network[region] if name == "network" else
                       refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
                                               model.plan.spacing, recipe.refine_confidence,
-                                              distrust=tuple(unlearned or ())))
+                                              distrust=tuple(unlearned or ()), span_margin=recipe.grow_span_margin))
                for name in needed}
     fallback = {c: refine_module.unlearned_step(results["network+grow"], results["grow"], c, recipe.unlearned_keep_share)
                 for c in sorted(unlearned or {})}
     chosen = {**per_class, **{c: name for c, (name, _) in fallback.items()}}
     out = np.zeros(x.shape, dtype=np.uint8)
     out[region] = refine_module.compose(results, chosen, final, range(1, len(model.labels) + 1))
-    return out, fallback
+    return out, fallback, results.get("grow")
+
+
+def _confined(model: Model, x: np.ndarray, classes: np.ndarray, sparse: np.ndarray, known: np.ndarray, roi,
+              recipe: FinetuneRecipe, final: str, per_class: dict[int, str], grown: np.ndarray | None = None):
+    """Network classes with every segment that leaked to a face of ``roi`` (``refine.leaking``, judged
+    on the components the post-processing keeps) taken from ``grow`` outside the box of its painted
+    voxels (``refine.confine``); a segment already grown alone is left as it is. ``grown``: the grow
+    candidate on ``roi`` when it was computed already. Returns the classes and ``{class: (voxels on
+    the fullest face, on the fullest painted slice)}``."""
+    if roi is None:
+        return classes, {}
+    n = len(model.labels)
+    sparse_r, known_r = sparse[roi], known[roi]
+    kept = postprocess.keep_annotated_components(classes[roi], sparse_r, known_r)
+    leaks = {c: v for c, v in refine_module.leaking(kept, sparse_r, known_r, roi, classes.shape, range(1, n + 1),
+                                                    recipe.leak_face_ratio).items()
+             if per_class.get(c, final) != "grow"}
+    if not leaks:
+        return classes, {}
+    if grown is None:
+        grown = refine_module.candidate("grow", x[roi], None, sparse_r, known_r, model.plan.spacing,
+                                        span_margin=recipe.grow_span_margin)
+    out = classes.copy()
+    out[roi] = refine_module.confine(classes[roi], grown, sparse_r, known_r, sorted(leaks))
+    return out, leaks
 
 
 def run_predict(model: Model | str, image: str, out: str, device: str = "auto", overlap: float | None = None,

@@ -279,3 +279,97 @@ def test_an_unlearned_segment_is_grown_within_the_networks_sure_background(monke
     # box voxels at the corridor's mouth, where its paths are as short as the painted slice's.
     assert (pred.labels[:, :, 22:] == 0).all() and (pred.labels[truth == 1] == 1).mean() > 0.95
     assert len(notes) == 1 and "did not learn 'a'" in notes[0] and "within the network's sure voxels" in notes[0]
+
+
+def test_a_segment_that_widens_to_a_face_of_the_region_has_leaked():
+    region = (slice(2, 12), slice(0, 20), slice(0, 20))  # inside the volume along z only
+    shape = (20, 20, 20)
+    sparse = np.zeros((10, 20, 20), np.int32)
+    known = known_mask(sparse.shape, [SliceRef(0, 4)])
+    sparse[4, 8:12, 8:12] = 1  # 16 painted voxels
+    assert refine.painted_section(sparse, known, 1) == 16
+    tapering = np.zeros(sparse.shape, np.uint8)
+    tapering[1:8, 8:12, 8:12] = 1  # inside the region, away from its faces
+    assert refine.leaking(tapering, sparse, known, region, shape, [1], 1.0) == {}
+    leak = tapering.copy()
+    leak[7:, 4:16, 4:16] = 1  # widens to 144 voxels on the last z face
+    assert refine.leaking(leak, sparse, known, region, shape, [1], 1.0) == {1: (144, 16)}
+    assert refine.leaking(leak, sparse, known, region, shape, [1], 10.0) == {}
+    # The same voxels at the volume's own end are a structure the scan cuts, not a leak.
+    assert refine.leaking(leak, sparse, known, (slice(10, 20), slice(0, 20), slice(0, 20)), shape, [1], 1.0) == {}
+    # A class that was not painted is never judged.
+    assert refine.leaking(np.where(leak > 0, 2, 0), sparse, known, region, shape, [2], 1.0) == {}
+
+
+def test_confine_takes_the_grown_segment_outside_the_box_of_its_painting():
+    sparse = np.zeros((6, 8, 8), np.int32)
+    known = known_mask(sparse.shape, [SliceRef(0, 2), SliceRef(0, 3)])
+    sparse[2:4, 2:5, 2:5] = 1
+    result = np.zeros(sparse.shape, np.uint8)
+    result[1:6, 2:5, 2:5] = 1
+    result[:, 6:, :] = 2  # another segment, untouched
+    grown = np.zeros(sparse.shape, np.uint8)
+    grown[1:5, 2:5, 2:5] = 1
+    out = refine.confine(result, grown, sparse, known, [1])
+    assert (out[1:5, 2:5, 2:5] == 1).all() and (out[5] != 1).all()  # z=5 was the leak: grow does not reach it
+    assert np.array_equal(out == 2, result == 2)
+
+
+def test_predict_volume_grows_a_leaking_segment_beyond_its_painted_slices(monkeypatch):
+    from hssl import workflow
+
+    image, truth = _bright_box()  # the box spans z 2..9
+    network = truth.copy()
+    network[9:11, 4:26, 2:24] = 1  # right between the painted slices, a wide leak to the region's end beyond them
+    monkeypatch.setattr(workflow, "predict_array", lambda *args, **kwargs: (network.copy(), None))
+    model, volume, _, _, notes, progress = _painted_slice_case(image, truth)
+    known = known_mask(truth.shape, [SliceRef(0, 3), SliceRef(0, 8)])
+    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
+    roi = (slice(1, 11), slice(4, 26), slice(2, 24))  # every face inside the volume
+    pred = workflow.predict_volume(model, volume, "cpu", annotation=annotation, roi=roi, progress=progress)
+    assert np.array_equal(pred.labels, truth)
+    assert pred.per_segment == {"a": "network, grow beyond the painting"}
+    assert len(notes) == 1 and "runs to the edge of the region" in notes[0] and "484 voxels" in notes[0]
+    # Asked for the network explicitly, the user gets it as it is.
+    forced = workflow.predict_volume(model, volume, "cpu", annotation=annotation, roi=roi, final_step="network")
+    assert (forced.labels[9:11, 4:26, 2:24] == 1).all()
+
+
+@pytest.mark.parametrize("share, by", [(0.0, "default (the held-out choice would have taken about"),
+                                       (10.0, "held-out slice")])
+def test_a_held_out_choice_that_would_cost_too_much_of_the_budget_is_skipped(share, by):
+    import dataclasses
+
+    from hssl.fewslice import array_geometry, make_case
+    from hssl.finetune import FinetuneOptions, finetune
+    from hssl.io import Volume
+    from hssl.progress import Progress
+    from hssl.recipe import DEFAULT_RECIPE
+
+    image, truth = _bright_box((16, 24, 24), (slice(3, 13), slice(6, 18), slice(6, 18)))
+    volume = Volume((image * 100).astype(np.float32), array_geometry(image.shape, (1.0, 1.0, 1.0)), "box")
+    case = make_case(volume, truth, 3)
+    recipe = dataclasses.replace(DEFAULT_RECIPE, selection_share=share)
+    notes = []
+    progress = Progress(bar=False)
+    progress.log = notes.append
+    opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16), recipe=recipe)
+    result = finetune(case.volume, case.labels, case.annotation, opts, progress)
+    assert result.final_step["chosen"] in refine.CANDIDATES and result.final_step["by"].startswith(by)
+    skipped = [n for n in notes if "choosing the final step on the held-out slice would take" in n]
+    assert len(skipped) == (1 if share == 0.0 else 0)
+
+
+def test_grow_stays_within_a_quarter_of_the_painted_span_beyond_the_outermost_slices():
+    image, truth = _bright_box((40, 20, 20), (slice(0, 40), slice(6, 14), slice(6, 14)))  # a bright tube along z
+    known = known_mask(truth.shape, [SliceRef(0, 16), SliceRef(0, 24)])
+    sparse = np.where(known, truth, 0)
+    assert refine.painted_span(known) == (slice(13, 28), slice(0, 20), slice(0, 20))  # 8-slice span: 3 each side
+    out = refine.candidate("grow", image, None, sparse, known, (1.0, 1.0, 1.0))
+    inside = np.zeros(truth.shape, bool)
+    inside[13:28] = True
+    assert np.array_equal(out[inside], truth[inside]) and not out[~inside].any()
+    # One painted slice says nothing of the extent: the whole region is grown.
+    one = known_mask(truth.shape, [SliceRef(0, 20)])
+    assert refine.painted_span(one) == (slice(0, 40), slice(0, 20), slice(0, 20))
+    assert np.array_equal(refine.candidate("grow", image, None, np.where(one, truth, 0), one, (1.0, 1.0, 1.0)), truth)
