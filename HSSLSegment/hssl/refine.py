@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .grow import grow_from_seeds
+from .sparse import whole_slices
 
 CANDIDATES = ("network", "network+grow", "grow")
 # Ties on the held-out slice go to the earlier one: on the development set network+grow was the best
@@ -88,8 +89,7 @@ def painted_span(known: np.ndarray, margin: float = SPAN_MARGIN) -> tuple[slice,
     of the structure's extent)."""
     box = []
     for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        whole = np.nonzero(known.all(axis=other))[0]
+        whole = whole_slices(known, axis)
         if whole.size < 2:
             box.append(slice(0, known.shape[axis]))
             continue
@@ -220,16 +220,17 @@ def painted_fit(network: np.ndarray, sparse: np.ndarray, known: np.ndarray, clas
     return slice_dice(network, sparse, known, [c for c in classes if np.any((sparse == c) & known)])
 
 
-def painted_section(sparse: np.ndarray, known: np.ndarray, c: int) -> int:
-    """The most voxels of class ``c`` on one painted slice (a slice whose voxels are all known), in
-    any orientation."""
+def painted_section(sparse: np.ndarray, known: np.ndarray, c: int,
+                    whole: Sequence[np.ndarray] | None = None) -> int:
+    """The most voxels of class ``c`` on one painted slice (``hssl.sparse.whole_slices``; ``whole``: those
+    of each axis when already known), in any orientation."""
+    whole = whole if whole is not None else [whole_slices(known, axis) for axis in range(3)]
     most = 0
     painted = (sparse == c) & known
     for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        full = known.all(axis=other)
-        if full.any():
-            most = max(most, int(painted.sum(axis=other)[full].max()))
+        if whole[axis].size:
+            other = tuple(a for a in range(3) if a != axis)
+            most = max(most, int(painted.sum(axis=other)[whole[axis]].max()))
     return most
 
 
@@ -247,8 +248,9 @@ def leaking(result: np.ndarray, sparse: np.ndarray, known: np.ndarray, region: S
                 cut[axis] = index
                 faces.append(result[tuple(cut)])
     out = {}
+    whole = [whole_slices(known, axis) for axis in range(3)]
     for c in classes:
-        section = painted_section(sparse, known, c)
+        section = painted_section(sparse, known, c, whole)
         if section == 0 or not faces:
             continue
         fullest = max(int(np.count_nonzero(face == c)) for face in faces)

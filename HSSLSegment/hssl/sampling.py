@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .sparse import whole_slices
+
 MAX_CENTRES = 1_000_000  # candidate centres kept per class (sub-sampled beyond this)
 
 
@@ -36,7 +38,7 @@ class PatchSampler:
         flat_target = self.target.reshape(-1)
         known_fg = flat_target[self.known_idx]
         self.fg_idx = {int(c): self.known_idx[known_fg == c] for c in np.unique(known_fg) if c != 0}
-        self.across = np.array([_has_whole_slice(known, a) for a in range(3)])  # before the padding
+        self.across = np.array([whole_slices(known, a).size > 0 for a in range(3)])  # before the padding
 
     def _subsample(self, idx: np.ndarray) -> np.ndarray:
         if idx.size > MAX_CENTRES:
@@ -64,12 +66,6 @@ class PatchSampler:
         return {"image": self.image[sl][None].astype(np.float32),
                 "label": self.target[sl][None].astype(np.int64),
                 "known": self.known[sl][None].astype(np.float32)}
-
-
-def _has_whole_slice(known: np.ndarray, axis: int) -> bool:
-    """True when some slice of ``known`` along ``axis`` is known in every voxel (a painted slice)."""
-    other = tuple(a for a in range(3) if a != axis)
-    return bool(known.all(axis=other).any())
 
 
 class PatchAugment:

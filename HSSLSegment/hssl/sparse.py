@@ -111,6 +111,12 @@ def known_mask(shape: Sequence[int], slices: Iterable[SliceRef]) -> np.ndarray:
     return mask
 
 
+def whole_slices(known: np.ndarray, axis: int) -> np.ndarray:
+    """Indices along ``axis`` of the slices of ``known`` that are known in every voxel: the painted
+    slices of that orientation (within a region, the part of them inside it)."""
+    return np.nonzero(known.all(axis=tuple(a for a in range(3) if a != axis)))[0]
+
+
 def check_covered(labels: np.ndarray, known: np.ndarray, axis_names: Sequence[str]) -> None:
     outside = (labels > 0) & ~known
     if outside.any():
