@@ -397,8 +397,7 @@ def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: Finetun
              refine_seconds: float | None = None) -> float:
     """Seconds of a time budget to keep for the final prediction of ``region``: its estimated time
     (windows x seconds per window, plus the intensity refinement: ``refine_seconds`` when measured,
-    else about a quarter of the network's time, as measured on the development set) minus the
-    recipe's slack for it."""
+    else ``recipe.grow_seconds_per_voxel`` per voxel of the region) minus the recipe's slack for it."""
     from .predict import window_count
     from .workflow import default_overlap
 
@@ -406,21 +405,22 @@ def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: Finetun
     windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
     network = per_window * windows
     if refine_seconds is None:
-        refine_seconds = 0.25 * network if final_step != "network" else 0.0
+        voxels = float(np.prod(extent))
+        refine_seconds = recipe.grow_seconds_per_voxel * voxels if final_step != "network" else 0.0
     return max(0.0, network + refine_seconds - recipe.first_prediction_slack_s)
 
 
 def _selection_seconds(per_window: float, slices: Sequence[SliceRef], holdout: SliceRef, roi, shape: Sequence[int],
                        plan, recipe: FinetuneRecipe) -> float:
     """Estimated seconds of ``_select_final_step``: the network over its region (windows x seconds per
-    window) and both intensity candidates there (``recipe.grow_seconds_per_voxel``)."""
+    window) and both intensity candidates there (``recipe.grow_seconds_per_voxel`` each)."""
     from .predict import window_count
     from .workflow import default_overlap
 
     region = refine.selection_region(slices, holdout, roi, shape)
     extent = [r.stop - r.start for r in region]
     windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
-    return per_window * windows + recipe.grow_seconds_per_voxel * float(np.prod(extent))
+    return per_window * windows + 2 * recipe.grow_seconds_per_voxel * float(np.prod(extent))
 
 
 def _refine_seconds(selection: dict, region: tuple[slice, ...]) -> float:

@@ -66,11 +66,13 @@ class FinetuneRecipe:
     leak_face_ratio: float = 1.0
     # The held-out choice of the final step predicts the region between the held-out slice's painted
     # neighbours and runs each intensity candidate there. When that is estimated (a timed forward
-    # pass per window, grow_seconds_per_voxel for both intensity candidates together, as measured on
-    # 2 cores) to take more than this share of a time budget, it is skipped and the final step is
-    # final_step: on lung2's 512 x 512 chest CT it took 42 of 150 s and left 134 training steps.
+    # pass per window, grow_seconds_per_voxel for each intensity candidate, as measured on 2 cores)
+    # to take more than this share of a time budget, it is skipped and the final step is final_step:
+    # on lung2's 512 x 512 chest CT it took 42 of 150 s and left 134 training steps. Without a
+    # measured selection, the final prediction's reserve counts the grow at grow_seconds_per_voxel
+    # (lung2's 16 M-voxel region: about 25 s).
     selection_share: float = 0.1
-    grow_seconds_per_voxel: float = 3e-6
+    grow_seconds_per_voxel: float = 1.5e-6
     # A time budget ends at the first prediction: training keeps back what the final prediction is
     # estimated to take beyond this many seconds.
     first_prediction_slack_s: float = 10.0

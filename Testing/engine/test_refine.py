@@ -1,5 +1,7 @@
 """The final-segmentation candidates and their choice on the held-out slice, on synthetic cases
 whose right answer is known."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -230,8 +232,10 @@ def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement()
     plan = SimpleNamespace(patch_size=(10, 20, 20))  # one window covers the region
     slack = DEFAULT_RECIPE.first_prediction_slack_s
     assert _reserve(3.0, region, plan, DEFAULT_RECIPE, "network+grow", refine_seconds=12.0) == pytest.approx(15.0 - slack)
-    # Before anything is measured the refinement is taken as a quarter of the network's time.
-    assert _reserve(40.0, region, plan, DEFAULT_RECIPE, "network+grow") == pytest.approx(50.0 - slack)
+    # Before anything is measured the refinement is counted per voxel of the region.
+    per_voxel = dataclasses.replace(DEFAULT_RECIPE, grow_seconds_per_voxel=0.005)
+    assert _reserve(40.0, region, plan, per_voxel, "network+grow") == pytest.approx(40.0 + 4000 * 0.005 - slack)
+    assert _reserve(40.0, region, plan, per_voxel, "network") == pytest.approx(40.0 - slack)
     assert _reserve(40.0, region, plan, DEFAULT_RECIPE, "network") == pytest.approx(40.0 - slack)
     assert _reserve(1.0, region, plan, DEFAULT_RECIPE, "network") == 0.0
 
@@ -338,8 +342,6 @@ def test_predict_volume_grows_a_leaking_segment_beyond_its_painted_slices(monkey
 @pytest.mark.parametrize("share, by", [(0.0, "default (the held-out choice would have taken about"),
                                        (10.0, "held-out slice")])
 def test_a_held_out_choice_that_would_cost_too_much_of_the_budget_is_skipped(share, by):
-    import dataclasses
-
     from hssl.fewslice import array_geometry, make_case
     from hssl.finetune import FinetuneOptions, finetune
     from hssl.io import Volume
