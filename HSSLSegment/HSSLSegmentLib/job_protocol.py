@@ -63,6 +63,7 @@ class EventType(str, enum.Enum):
 
 class Phase(str, enum.Enum):
     PREPARE = "prepare"
+    ADAPT = "adapt"  # self-supervised adaptation to the scan, before fine-tuning
     FINETUNE = "finetune"
     REFINE = "refine"  # the held-out slice is added back
     SAVE = "save"
@@ -72,6 +73,7 @@ class Phase(str, enum.Enum):
     def label(self) -> str:
         return {
             Phase.PREPARE: "Preparing",
+            Phase.ADAPT: "Adapting to the scan",
             Phase.FINETUNE: "Fine-tuning",
             Phase.REFINE: "Refining",
             Phase.SAVE: "Saving model",

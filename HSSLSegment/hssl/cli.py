@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-step", default="auto", choices=["auto", *FINAL_STEPS],
                    help="the final step with an annotation: auto (chosen on the held-out slice) | network | "
                         "network+grow (the network's sure voxels grown on the intensities) | grow (intensities only)")
+    p.add_argument("--adapt", type=float, default=None, metavar="SECONDS",
+                   help="first adapt the network to this image with a self-supervised phase of SECONDS, taken out "
+                        "of the time budget (less than half of it; default 0: off)")
     _precision_args(p)
     p.add_argument("--stop-file", default=None, help="stop gracefully (saving the model) once this file exists")
     p.add_argument("--progress-json", action="store_true", help="one JSON progress object per line on stdout")
@@ -160,7 +163,8 @@ def cmd_finetune(a) -> int:
     opts = FinetuneOptions(steps=a.steps, time_budget=time_budget_or_default(a.time_budget, a.steps),
                            device=a.device, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout=not a.no_holdout,
                            precision="fp32" if a.no_amp else a.precision, init=a.init, modality=a.modality,
-                           patch_size=_patch(a.patch_size), stop_file=a.stop_file, roi=not a.no_roi, final_step=a.final_step)
+                           patch_size=_patch(a.patch_size), stop_file=a.stop_file, roi=not a.no_roi, final_step=a.final_step,
+                           adapt_seconds=a.adapt)
     opts.validate()
     finetune_and_predict(a.image, a.labels, a.out, opts, progress, overwrite=a.overwrite, prediction_out=a.predict,
                          postprocess_mode=a.postprocess, names=a.names, segments=_csv(a.segments), slices=a.slices,

@@ -55,6 +55,9 @@ class FinetuneOptions:
     stop_file: str | None = None
     roi: bool = True  # train and predict around the painted structures (sparse.annotation_roi)
     final_step: str = "auto"  # auto (chosen on the held-out slice) or one of hssl.refine.CANDIDATES
+    # Seconds of self-supervised adaptation to this scan before fine-tuning (hssl.adapt), taken out of
+    # the time budget; default: the recipe's adapt_share of the time budget (none without one).
+    adapt_seconds: float | None = None
     recipe: FinetuneRecipe = DEFAULT_RECIPE
 
     def validate(self) -> None:
@@ -69,6 +72,17 @@ class FinetuneOptions:
                             f"(got {self.final_step!r})")
         if self.batch_size is not None and self.batch_size < 1:
             raise HSSLError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.adapt_seconds is not None:
+            if not np.isfinite(self.adapt_seconds) or self.adapt_seconds < 0:
+                raise HSSLError(f"--adapt must be non-negative seconds (got {self.adapt_seconds})")
+            if self.time_budget is not None and self.adapt_seconds >= 0.5 * self.time_budget:
+                raise HSSLError(f"--adapt {self.adapt_seconds:g} s would leave fine-tuning less than half of the "
+                                f"{self.time_budget:g} s budget: give fewer adaptation seconds or a larger budget")
+
+    def adaptation_seconds(self) -> float:
+        if self.adapt_seconds is not None:
+            return float(self.adapt_seconds)
+        return self.recipe.adapt_share * self.time_budget if self.time_budget else 0.0
 
 
 @dataclasses.dataclass
@@ -266,7 +280,15 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     eta = Eta()
     next_eval = 1.0 / (evals + 1) * holdout_fraction
     phase = "finetune"
+    budget = opts.time_budget  # the whole budget, adaptation included
     with StopRequest(opts.stop_file) as stop:
+        adaptation = None
+        if opts.adaptation_seconds() > 0:
+            adaptation = _adapt(net, image, roi, normalization.scheme, opts, device, dtype, stop, progress)
+            if opts.time_budget is not None:
+                opts = dataclasses.replace(opts, time_budget=max(opts.time_budget - adaptation["seconds"],
+                                                                 0.5 * opts.time_budget))
+            eta = Eta()
         while True:
             fraction = _fraction(step, eta.elapsed(), opts, reserve)
             if fraction >= 1.0:
@@ -290,10 +312,10 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     if opts.final_step == "auto" and window_seconds is not None:
                         cost = _selection_seconds(window_seconds, annotation.slices, holdout, roi, target.shape, plan,
                                                   recipe)
-                    if cost is not None and cost > recipe.selection_share * opts.time_budget:
+                    if cost is not None and cost > recipe.selection_share * budget:
                         skipped_selection = cost
                         progress.log(f"note: choosing the final step on the held-out slice would take about {cost:.0f} s "
-                                     f"of the {opts.time_budget:.0f} s budget, which training keeps: the final step "
+                                     f"of the {budget:.0f} s budget, which training keeps: the final step "
                                      f"is {recipe.final_step}")
                     elif opts.final_step == "auto":
                         selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, roi,
@@ -347,6 +369,10 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     net.eval()
     seconds = eta.elapsed()
     if step == 0:
+        if stopped:
+            during = " (during the adaptation to the scan)" if adaptation is not None else ""
+            raise HSSLError(f"fine-tuning was stopped before its first step{during}: nothing was saved; start it "
+                            "again and let it run")
         raise HSSLError("fine-tuning stopped before the first step: nothing was saved; give a larger budget")
     progress.log(f"{step} steps in {seconds:.1f} s ({step / max(seconds, 1e-9):.2f} steps/s)"
                  + (f", held-out Dice {heldout_dice:.3f} on {holdout.name(names)}" if heldout_dice is not None else ""))
@@ -359,6 +385,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             "heldout_slice": holdout.name(names) if holdout else None, "heldout_dice": heldout_dice,
             "image": volume.path, "labels": labels.path, "geometry": volume.geometry.to_json(),
             "roi_zyx": [[r.start, r.stop] for r in roi] if roi is not None else None,
+            "adaptation": adaptation,
             "final_step": _final_step_record(selection, opts, table, skipped_selection),
             "log": history[:: max(1, len(history) // 200)],
         }
@@ -368,6 +395,34 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
     return FinetuneResult(model, stopped, step, seconds, holdout.name(names) if holdout else None,
                           heldout_dice, history, (np.where(kept, labels.array, 0), annotation.known), roi,
                           meta["training"]["final_step"])
+
+
+def _adapt(net: SegNet, image: np.ndarray, roi, scheme: str, opts: FinetuneOptions, device: torch.device, dtype,
+           stop: StopRequest, progress: Progress) -> dict:
+    """The self-supervised adaptation to this scan (``hssl.adapt``), with its progress and log line."""
+    from . import adapt
+
+    seconds = opts.adaptation_seconds()
+
+    # The whole job's remaining time: what is left of the adaptation, then the fine-tuning budget.
+    after = (opts.time_budget - seconds) if opts.time_budget is not None else 0.0
+
+    def report(step: int, elapsed: float, loss: float) -> None:
+        total = max(step, int(round(step * seconds / max(elapsed, 1e-9))))
+        progress.update("adapt", step, total, loss=loss, elapsed_s=elapsed,
+                        eta_s=max(0.0, seconds - elapsed) + after, device=device.type)
+
+    record = adapt.adapt(net, image, roi, seconds, device, dtype, opts.seed, stop.requested, scheme,
+                         lr=opts.recipe.adapt_lr, clip=opts.recipe.grad_clip, report=report)
+    if record["steps"] == 0:
+        progress.log(f"note: no adaptation to this scan: {record.get('skipped') or 'no step fitted its seconds'}")
+    else:
+        progress.log(f"adapted to this scan: {record['steps']} self-supervised steps in {record['seconds']:.1f} s "
+                     f"(loss {record['first_loss']:.3f} -> {record['last_loss']:.3f})"
+                     + (f"; ended early: {record['skipped']}" if record.get("skipped") else ""))
+    progress.close()
+    net.train()
+    return record
 
 
 def _fraction(step: int, elapsed: float, opts: FinetuneOptions, reserve: float = 0.0) -> float:

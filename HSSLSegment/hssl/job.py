@@ -72,7 +72,7 @@ def _run_finetune(spec: JobSpec, progress: Progress) -> int:
     opts = FinetuneOptions(steps=spec.steps, time_budget=spec.time_budget_s(), device=spec.device, seed=spec.seed,
                            init=spec.init, stop_file=spec.stop_file, modality=spec.modality,
                            batch_size=spec.batch_size, roi=spec.roi, precision=spec.precision,
-                           final_step=spec.final_step or "auto")
+                           final_step=spec.final_step or "auto", adapt_seconds=spec.adapt_s)
     opts.validate()
     progress.update("prepare", 0, 1, device=opts.device)
     finetune_and_predict(spec.image, spec.labels, spec.model_out, opts, progress, overwrite=spec.overwrite,

@@ -92,6 +92,9 @@ class JobSpec:
                                      "given", _TRAIN, "number")
     steps: int | None = _key("optimiser steps (training ends at whichever budget ends first)", _TRAIN, "integer",
                              minimum=1)
+    adapt_s: float | None = _key("seconds of self-supervised adaptation to the image before fine-tuning, taken out "
+                                 "of the time budget (less than half of it); default 0 (off)", _TRAIN, "number",
+                                 minimum=0)
     seed: int = _key("random seed", _TRAIN, "integer", 0, minimum=0)
     modality: str = _key("intensity normalisation: `auto`, `ct` (fixed HU window) or `mr` (percentiles)", _TRAIN,
                          "string", "auto", choices=MODALITIES)
@@ -216,7 +219,11 @@ def _check(field: dataclasses.Field, value: Any, kind: str) -> None:
         if meta["minimum"] is not None and value < meta["minimum"]:
             raise JobSpecError(f"job key '{name}' must be at least {meta['minimum']}, got {value}")
     elif kind_of_value == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if meta["minimum"] is not None:
+            if not number or value < meta["minimum"]:
+                raise JobSpecError(f"job key '{name}' must be a number of at least {meta['minimum']}, got {value!r}")
+        elif not number or value <= 0:
             raise JobSpecError(f"job key '{name}' must be a positive number, got {value!r}")
     elif kind_of_value == "boolean":
         if not isinstance(value, bool):

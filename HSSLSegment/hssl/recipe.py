@@ -73,6 +73,10 @@ class FinetuneRecipe:
     # (lung2's 16 M-voxel region: about 25 s).
     selection_share: float = 0.1
     grow_seconds_per_voxel: float = 1.5e-6
+    # Self-supervised adaptation to the scan before fine-tuning (hssl.adapt): this share of a time
+    # budget, at this learning rate. Off (0) until it wins on the development set.
+    adapt_share: float = 0.0
+    adapt_lr: float = 1e-3
     # A time budget ends at the first prediction: training keeps back what the final prediction is
     # estimated to take beyond this many seconds.
     first_prediction_slack_s: float = 10.0

@@ -9,6 +9,8 @@ returns label values on the case's ``[z, y, x]`` grid:
 - ``ours-scratch`` and ``ours-pretrained``: the same from a random start (``--init scratch``) and from
   the shipped default pretrained model (``--init bundled``); a run leaves out the one that is the
   default start (``default_methods``), which ``ours`` already is;
+- ``ours-adapt`` (only when asked for): ``ours`` with ``ADAPT_SHARE`` of the budget spent first on
+  the self-supervised adaptation to the scan (``hssl.adapt``);
 - ``monai``: the plain MONAI pipeline (``baselines``) at the same wall-clock budget;
 - ``fill-between`` and ``grow-from-seeds``: the Segment Editor's "Fill between slices" and "Grow from
   seeds" through slicer-core (``bench.peers``); deterministic, so run once per case and slice count.
@@ -80,19 +82,20 @@ def missing(name: str) -> str | None:
     return None
 
 
-def _ours(case, budget: Budget, init: str) -> Output:
+def _ours(case, budget: Budget, init: str, adapt_seconds: float | None = None) -> Output:
     from hssl.finetune import FinetuneOptions, finetune
     from hssl.progress import Progress
     from hssl.workflow import predict_volume
 
     quiet = Progress(bar=False)
     opts = FinetuneOptions(time_budget=budget.time_budget, steps=budget.steps, device=budget.device, seed=budget.seed,
-                           init=init)
+                           init=init, adapt_seconds=adapt_seconds)
     result = finetune(case.volume, case.labels, case.annotation, opts, quiet)
     training = result.model.meta["training"]
     pred = predict_volume(result.model, case.volume, budget.device, progress=quiet, annotation=result.annotation,
                           roi=result.roi)
-    extra = {"init": training["init"], "heldout_dice": result.heldout_dice, "final_step": result.final_step}
+    extra = {"init": training["init"], "heldout_dice": result.heldout_dice, "final_step": result.final_step,
+             "adaptation": training.get("adaptation")}
     return Output(pred.labels, result.steps, list(result.model.plan.patch_size), result.seconds, pred.seconds, extra,
                   after=lambda: {"candidates": _other_final_steps(case, result, pred.final, budget, quiet)})
 
@@ -130,12 +133,28 @@ def ours_pretrained(case, budget: Budget) -> Output:
     return _ours(case, budget, "bundled")
 
 
+# ``ours-adapt``'s share of the time budget spent adapting to the scan (``hssl.adapt``) before fine-tuning.
+ADAPT_SHARE = 0.2
+
+
+@register("ours-adapt", "ours, adapted to the scan first", "ours")
+def ours_adapt(case, budget: Budget) -> Output:
+    if not budget.time_budget:
+        raise ValueError("ours-adapt takes a share of a time budget: run it with --time-budget")
+    return _ours(case, budget, "auto", ADAPT_SHARE * budget.time_budget)
+
+
+# Variants run only when asked for (--methods): what a change would do, not the comparison itself.
+OPT_IN = {"ours-adapt"}
+
+
 def default_methods() -> list[str]:
-    """Every method but the start that ``ours`` already has (``--init auto`` is ``DEFAULT_START``)."""
+    """Every method but the start that ``ours`` already has (``--init auto`` is ``DEFAULT_START``) and
+    the opt-in variants."""
     from hssl.model_format import DEFAULT_START
 
     same = "ours-pretrained" if DEFAULT_START == "bundled" else "ours-scratch"
-    return [name for name in METHODS if name != same]
+    return [name for name in METHODS if name != same and name not in OPT_IN]
 
 
 @register("monai", "plain MONAI pipeline", "peer")
