@@ -592,7 +592,8 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
         seconds[name] = time.monotonic() - t
         scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
     margins = {"grow": recipe.grow_margin}
-    return {"chosen": refine.choose(scores, margins=margins), "per_class": refine.choose_per_class(scores, margins=margins),
+    per_class = refine.choose_per_class(scores, margins=margins, poor=recipe.poor_heldout_dice)
+    return {"chosen": refine.choose(scores, margins=margins), "per_class": per_class,
             "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows,
             "candidate_seconds": seconds, "region_voxels": int(np.prod([r.stop - r.start for r in region]))}
 

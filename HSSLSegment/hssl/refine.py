@@ -180,14 +180,29 @@ def choose(scores: dict[str, dict[int, float]], order: Sequence[str] | None = No
 
 
 def choose_per_class(scores: dict[str, dict[int, float]], order: Sequence[str] | None = None,
-                     margins: dict[str, float] | None = None) -> dict[int, str]:
+                     margins: dict[str, float] | None = None, poor: float | None = None) -> dict[int, str]:
     """For every class scored on the held-out slice, the candidate that segments it best there (less
     its handicap in ``margins``; ties to the earlier one in ``order``). A thin structure that the
     intensity refinement erodes away can then keep the network's result while a large one next to
-    it takes the refined one."""
+    it takes the refined one.
+
+    With ``poor``: a class the network alone scores below ``poor`` was not learned when it was
+    scored. What ``network+grow`` scored for it was then the intensities' work (from the painted
+    seeds), not the network's, so nothing justifies a handicap on ``grow``: the class takes the better
+    of the two intensity candidates on plain scores, ties to ``grow`` (which ships what was scored;
+    ``network+grow`` would ship seeds from the network as trained further, never tested)."""
     classes = sorted({c for per in scores.values() for c in per})
-    return {c: choose({name: {c: per[c]} if c in per else {} for name, per in scores.items()}, order, margins)
-            for c in classes}
+    out = {}
+    for c in classes:
+        per_c = {name: {c: per[c]} if c in per else {} for name, per in scores.items()}
+        network = scores.get("network", {}).get(c)
+        if poor is not None and network is not None and network < poor and \
+                any(c in scores.get(name, {}) for name in ("grow", "network+grow")):
+            per_c = {name: v for name, v in per_c.items() if name != "network"}
+            out[c] = choose(per_c, ("grow", "network+grow"))
+        else:
+            out[c] = choose(per_c, order, margins)
+    return out
 
 
 def compose(results: dict[str, np.ndarray], per_class: dict[int, str], default: str, classes: Sequence[int]) -> np.ndarray:
