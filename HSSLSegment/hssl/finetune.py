@@ -35,6 +35,10 @@ from .sampling import PatchSampler, augmentation
 from .sparse import Annotation, SliceRef, annotation_roi, choose_holdout, known_mask
 from .training import autocast, backward_and_step, set_lr
 
+# Compared on the held-out slice's slab when the region between its painted neighbours is too large:
+# the slab holds no painted seed for grow alone.
+SLAB_CANDIDATES = ("network", "network+grow")
+
 
 @dataclasses.dataclass
 class FinetuneOptions:
@@ -308,18 +312,29 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
-                    cost = None
+                    cost, region, candidates = None, refine.selection_region(annotation.slices, holdout, roi,
+                                                                             target.shape), refine.CANDIDATES
                     if opts.final_step == "auto" and window_seconds is not None:
-                        cost = _selection_seconds(window_seconds, annotation.slices, holdout, roi, target.shape, plan,
-                                                  recipe)
+                        cost = _selection_seconds(window_seconds, region, plan, recipe)
+                        slab = _slab_region(holdout, holdout_region, plan)
+                        if cost > recipe.selection_share * budget and slab is not None:
+                            # Too large a region (a 512 x 512 CT): the network and network+grow are
+                            # compared on the held-out slice's slab alone, which holds no painted seed
+                            # for grow.
+                            slab_cost = _selection_seconds(window_seconds, slab, plan, recipe, intensity_candidates=1)
+                            if slab_cost <= recipe.selection_share * budget:
+                                progress.log(f"note: choosing the final step between the held-out slice's painted "
+                                             f"neighbours would take about {cost:.0f} s of the {budget:.0f} s budget: "
+                                             "network and network+grow are compared on a slab around it")
+                                region, candidates, cost = slab, SLAB_CANDIDATES, slab_cost
                     if cost is not None and cost > recipe.selection_share * budget:
                         skipped_selection = cost
                         progress.log(f"note: choosing the final step on the held-out slice would take about {cost:.0f} s "
                                      f"of the {budget:.0f} s budget, which training keeps: the final step "
                                      f"is {recipe.final_step}")
                     elif opts.final_step == "auto":
-                        selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, roi,
-                                                       table, normalization, device, precision, recipe)
+                        selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, region,
+                                                       table, normalization, device, precision, recipe, candidates)
                         progress.event("final_step", **_final_step_event(selection, table))
                         progress.log(_final_step_note(selection, table))
                         if opts.time_budget is not None:
@@ -465,17 +480,16 @@ def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: Finetun
     return max(0.0, network + refine_seconds - recipe.first_prediction_slack_s)
 
 
-def _selection_seconds(per_window: float, slices: Sequence[SliceRef], holdout: SliceRef, roi, shape: Sequence[int],
-                       plan, recipe: FinetuneRecipe) -> float:
-    """Estimated seconds of ``_select_final_step``: the network over its region (windows x seconds per
-    window) and both intensity candidates there (``recipe.grow_seconds_per_voxel`` each)."""
+def _selection_seconds(per_window: float, region: tuple[slice, ...], plan, recipe: FinetuneRecipe,
+                       intensity_candidates: int = 2) -> float:
+    """Estimated seconds of ``_select_final_step`` on ``region``: the network over it (windows x
+    seconds per window) and each intensity candidate there (``recipe.grow_seconds_per_voxel``)."""
     from .predict import window_count
     from .workflow import default_overlap
 
-    region = refine.selection_region(slices, holdout, roi, shape)
     extent = [r.stop - r.start for r in region]
     windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
-    return per_window * windows + 2 * recipe.grow_seconds_per_voxel * float(np.prod(extent))
+    return per_window * windows + intensity_candidates * recipe.grow_seconds_per_voxel * float(np.prod(extent))
 
 
 def _refine_seconds(selection: dict, region: tuple[slice, ...]) -> float:
@@ -510,20 +524,30 @@ def _move_optimizer(optimizer, net, device):
     return optimizer
 
 
-def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef, region: np.ndarray,
-               plan, device: torch.device, dtype: torch.dtype | None) -> float | None:
-    """Mean foreground Dice on the held-out slice, predicting only a patch-thick slab around it."""
+def _slab_region(ref: SliceRef, region: np.ndarray, plan) -> tuple[slice, ...] | None:
+    """A patch-thick slab around the held-out slice ``ref``, across it only as wide as ``region`` (the
+    part of the slice that is scored: near the annotated structures, see _box_around); None when
+    ``region`` is empty."""
     axis, index = ref.axis, ref.index
     half = plan.patch_size[axis] // 2
     sl = [slice(None)] * 3
-    sl[axis] = slice(max(0, index - half), min(image.shape[axis], index + half + 1))
-    # Only the part of the slice near the annotated structures is predicted (see _box_around).
+    sl[axis] = slice(max(0, index - half), min(region.shape[axis], index + half + 1))
     for a in range(3):
         if a != axis:
             hit = np.nonzero(region.any(axis=tuple(b for b in range(3) if b != a)))[0]
             if hit.size == 0:
                 return None
             sl[a] = slice(int(hit[0]), int(hit[-1]) + 1)
+    return tuple(sl)
+
+
+def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef, region: np.ndarray,
+               plan, device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """Mean foreground Dice on the held-out slice, predicting only a patch-thick slab around it."""
+    axis, index = ref.axis, ref.index
+    sl = _slab_region(ref, region, plan)
+    if sl is None:
+        return None
     lo = sl[axis].start
     slab = torch.from_numpy(np.ascontiguousarray(image[tuple(sl)]))[None, None].to(device)
     net.eval()
@@ -560,16 +584,17 @@ def _box_around(mask: np.ndarray, patch) -> np.ndarray:
 
 
 def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
-                       holdout_region: np.ndarray, roi, table: list[LabelInfo], normalization: Normalization,
-                       device: torch.device, precision: str, recipe: FinetuneRecipe) -> dict:
-    """Score every final-step candidate on the held-out slice, with the network as trained without it
-    and seeds from the other painted slices; returns the overall and the per-segment choice, the
-    scores, and the time the region's prediction took (for the final prediction's estimate)."""
+                       holdout_region: np.ndarray, region: tuple[slice, ...], table: list[LabelInfo],
+                       normalization: Normalization, device: torch.device, precision: str, recipe: FinetuneRecipe,
+                       candidates: Sequence[str] = refine.CANDIDATES) -> dict:
+    """Score each of ``candidates`` on the held-out slice, computed on ``region`` (which holds it) with
+    the network as trained without it and seeds from the other painted slices there; returns the
+    overall and the per-segment choice, the scores, and the time the region's prediction took (for
+    the final prediction's estimate)."""
     from .predict import predict_array, window_count
     from .workflow import default_overlap
 
     t0 = time.monotonic()
-    region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
     model = Model(net, table, normalization, {})
     overlap = default_overlap(region, net.plan.patch_size)
     t_predict = time.monotonic()
@@ -585,7 +610,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     mask_r = holdout_region[region]
     classes = range(1, len(table) + 1)
     scores, seconds = {}, {}
-    for name in refine.CANDIDATES:
+    for name in candidates:
         t = time.monotonic()
         pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, net.plan.spacing, recipe.refine_confidence,
                                 span_margin=recipe.grow_span_margin)
@@ -595,7 +620,8 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     per_class = refine.choose_per_class(scores, margins=margins, poor=recipe.poor_heldout_dice)
     return {"chosen": refine.choose(scores, margins=margins), "per_class": per_class,
             "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows,
-            "candidate_seconds": seconds, "region_voxels": int(np.prod([r.stop - r.start for r in region]))}
+            "candidate_seconds": seconds, "region_voxels": int(np.prod([r.stop - r.start for r in region])),
+            "scope": "slab" if tuple(candidates) == SLAB_CANDIDATES else "region"}
 
 
 def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:
@@ -605,12 +631,13 @@ def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, 
 def _final_step_event(selection: dict, table: list[LabelInfo], poor: float = DEFAULT_RECIPE.poor_heldout_dice) -> dict:
     """The ``final_step`` progress event: the overall choice, the choice per segment scored on the
     held-out slice, each candidate's held-out Dice per segment, and the segments whose chosen result
-    stays below ``poor`` there."""
+    stays below ``poor`` there; ``scope``: where the candidates were computed (``region``: between the
+    held-out slice's painted neighbours, ``slab``: a patch-thick slab around it)."""
     per = {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}
     per_segment = {table[c - 1].name: name for c, name in sorted(selection["per_class"].items())}
     poor_segments = [seg for seg, name in per_segment.items() if per[name].get(seg, 1.0) < poor]
     return {"chosen": selection["chosen"], "per_segment": per_segment, "seconds": round(selection["seconds"], 2),
-            "heldout_dice": per, "poor_segments": poor_segments}
+            "heldout_dice": per, "poor_segments": poor_segments, "scope": selection.get("scope", "region")}
 
 
 def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:
@@ -642,4 +669,8 @@ def _final_step_record(selection: dict | None, opts: FinetuneOptions, table: lis
                 "by": f"default (the held-out choice would have taken about {skipped:.0f} s of the budget)"}
     if selection is None:
         return {"chosen": opts.recipe.final_step, "by": "default (no held-out slice)"}
+    if selection.get("scope") == "slab":
+        return {**_final_step_event(selection, table),
+                "by": "held-out slice (network and network+grow on a slab around it: the region between its "
+                      "painted neighbours was too large to compare all three within the budget)"}
     return {**_final_step_event(selection, table), "by": "held-out slice"}

@@ -71,8 +71,10 @@ class FinetuneRecipe:
     # The held-out choice of the final step predicts the region between the held-out slice's painted
     # neighbours and runs each intensity candidate there. When that is estimated (a timed forward
     # pass per window, grow_seconds_per_voxel for each intensity candidate, as measured on 2 cores)
-    # to take more than this share of a time budget, it is skipped and the final step is final_step:
-    # on lung2's 512 x 512 chest CT it took 42 of 150 s and left 134 training steps. Without a
+    # to take more than this share of a time budget (on lung2's 512 x 512 chest CT it took 42 of
+    # 150 s and left 134 training steps), network and network+grow are compared on the held-out
+    # slice's patch-thick slab instead; when that too would take longer, the final step is
+    # final_step. Without a
     # measured selection, the final prediction's reserve counts the grow at grow_seconds_per_voxel
     # (lung2's 16 M-voxel region: about 25 s).
     selection_share: float = 0.1

@@ -387,6 +387,39 @@ def test_a_held_out_choice_that_would_cost_too_much_of_the_budget_is_skipped(sha
     assert len(skipped) == (1 if share == 0.0 else 0)
 
 
+def test_a_region_too_large_to_compare_all_candidates_compares_two_on_the_held_out_slab(monkeypatch):
+    from hssl import finetune as finetune_module
+    from hssl.fewslice import array_geometry, make_case
+    from hssl.finetune import FinetuneOptions, finetune
+    from hssl.io import Volume
+    from hssl.progress import Progress
+
+    image, truth = _bright_box((16, 24, 24), (slice(3, 13), slice(6, 18), slice(6, 18)))
+    volume = Volume((image * 100).astype(np.float32), array_geometry(image.shape, (1.0, 1.0, 1.0)), "box")
+    case = make_case(volume, truth, 3)
+    regions = []
+    # The region between the painted neighbours (network + two intensity candidates) costs the
+    # whole budget; the slab (network + network+grow) nothing.
+    def seconds(per_window, region, plan, recipe, intensity_candidates=2):
+        regions.append((region, intensity_candidates))
+        return 100.0 if intensity_candidates == 2 else 0.0
+    monkeypatch.setattr(finetune_module, "_selection_seconds", seconds)
+    notes = []
+    progress = Progress(bar=False)
+    progress.log = notes.append
+    opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16))
+    result = finetune(case.volume, case.labels, case.annotation, opts, progress)
+    record = result.final_step
+    assert record["by"].startswith("held-out slice (network and network+grow on a slab around it")
+    assert set(record["heldout_dice"]) == set(finetune_module.SLAB_CANDIDATES) == {"network", "network+grow"}
+    assert record["chosen"] in finetune_module.SLAB_CANDIDATES
+    assert any("compared on a slab around it" in n for n in notes)
+    slab = regions[-1][0]
+    holdout = next(s for s in case.annotation.slices if s.name(case.volume.geometry.axis_names()) == result.heldout)
+    # The slab is patch-thick around the held-out slice (half a patch on either side).
+    assert slab[holdout.axis] == slice(max(0, holdout.index - 4), holdout.index + 5)
+
+
 def test_grow_stays_within_a_quarter_of_the_painted_span_beyond_the_outermost_slices():
     image, truth = _bright_box((40, 20, 20), (slice(0, 40), slice(6, 14), slice(6, 14)))  # a bright tube along z
     known = known_mask(truth.shape, [SliceRef(0, 16), SliceRef(0, 24)])
