@@ -51,8 +51,8 @@ class FinetuneRecipe:
     # learn at all is grown anyway (hssl.workflow: its painted-slice fit). A segment the network
     # alone scores below poor_heldout_dice on the held-out slice has no handicap on grow: it takes
     # the better intensity candidate, ties to grow (hssl.refine.choose_per_class; on a CPU without
-    # native bfloat16 the handicap sent three nuclei of colin_nuclei to network+grow at 0.53-0.58
-    # where grow gave 0.71-0.80).
+    # native bfloat16 the handicap sent colin_nuclei's putamen and pallidum to network+grow at 0.53
+    # and 0.58 where grow gave 0.80 and 0.71).
     grow_margin: float = 0.2
     # A segment the network did not learn (its Dice on its own painted slices below
     # poor_heldout_dice) is grown from the painted slices: with the network's sure voxels of the

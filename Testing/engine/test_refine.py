@@ -119,7 +119,7 @@ def test_a_class_the_network_did_not_learn_takes_the_intensity_candidate_that_wa
     # Development-set pattern (mni_nuclei, colin_nuclei on a slow CPU): at the held-out choice the
     # network alone had not learned three of four nuclei, network+grow scored what grow scored (its
     # seeds were the painted ones), and the grow handicap sent them to network+grow, whose seeds at
-    # the end came from the network trained further: 0.53-0.60 where grow gave 0.71-0.80.
+    # the end came from the network trained further: 0.53-0.60 where grow gave 0.68-0.80.
     scores = {"network": {1: 0.66, 2: 0.19, 3: 0.0, 4: 0.0},
               "network+grow": {1: 0.81, 2: 0.72, 3: 0.15, 4: 0.40},
               "grow": {1: 0.81, 2: 0.72, 3: 0.15, 4: 0.50}}
