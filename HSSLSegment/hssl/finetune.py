@@ -312,12 +312,13 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
-                    cost, region, candidates = None, refine.selection_region(annotation.slices, holdout, roi,
-                                                                             target.shape), refine.CANDIDATES
+                    cost, candidates = None, refine.CANDIDATES
+                    region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
                     if opts.final_step == "auto" and window_seconds is not None:
                         cost = _selection_seconds(window_seconds, region, plan, recipe)
-                        slab = _slab_region(holdout, holdout_region, plan)
-                        if cost > recipe.selection_share * budget and slab is not None:
+                        slab = _slab_region(holdout, holdout_region, plan) \
+                            if cost > recipe.selection_share * budget else None
+                        if slab is not None:
                             # Too large a region (a 512 x 512 CT): the network and network+grow are
                             # compared on the held-out slice's slab alone, which holds no painted seed
                             # for grow.
@@ -669,8 +670,8 @@ def _final_step_record(selection: dict | None, opts: FinetuneOptions, table: lis
                 "by": f"default (the held-out choice would have taken about {skipped:.0f} s of the budget)"}
     if selection is None:
         return {"chosen": opts.recipe.final_step, "by": "default (no held-out slice)"}
+    by = "held-out slice"
     if selection.get("scope") == "slab":
-        return {**_final_step_event(selection, table),
-                "by": "held-out slice (network and network+grow on a slab around it: the region between its "
-                      "painted neighbours was too large to compare all three within the budget)"}
-    return {**_final_step_event(selection, table), "by": "held-out slice"}
+        by += (" (network and network+grow on a slab around it: the region between its painted neighbours was "
+               "too large to compare all three within the budget)")
+    return {**_final_step_event(selection, table), "by": by}

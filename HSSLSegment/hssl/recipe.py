@@ -74,9 +74,8 @@ class FinetuneRecipe:
     # to take more than this share of a time budget (on lung2's 512 x 512 chest CT it took 42 of
     # 150 s and left 134 training steps), network and network+grow are compared on the held-out
     # slice's patch-thick slab instead; when that too would take longer, the final step is
-    # final_step. Without a
-    # measured selection, the final prediction's reserve counts the grow at grow_seconds_per_voxel
-    # (lung2's 16 M-voxel region: about 25 s).
+    # final_step. Without a measured selection, the final prediction's reserve counts the grow at
+    # grow_seconds_per_voxel (lung2's 16 M-voxel region: about 25 s).
     selection_share: float = 0.1
     grow_seconds_per_voxel: float = 1.5e-6
     # Self-supervised adaptation to the scan before fine-tuning (hssl.adapt): this share of a time
