@@ -35,9 +35,9 @@ from .sampling import PatchSampler, augmentation
 from .sparse import Annotation, SliceRef, annotation_roi, choose_holdout, known_mask
 from .training import autocast, backward_and_step, set_lr
 
-# Compared on the held-out slice's slab when the region between its painted neighbours is too large:
-# the slab holds no painted seed for grow alone.
-SLAB_CANDIDATES = ("network", "network+grow")
+# Shrinking the selection region across the held-out slice to fit the budget: the in-plane extent
+# is scaled by this factor per try, down to one patch.
+CROP_FACTOR = 0.9
 
 
 @dataclasses.dataclass
@@ -312,22 +312,22 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
-                    cost, candidates = None, refine.CANDIDATES
+                    cost, crop = None, None
                     region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
                     if opts.final_step == "auto" and window_seconds is not None:
+                        limit = recipe.selection_share * budget
                         cost = _selection_seconds(window_seconds, region, plan, recipe)
-                        slab = _slab_region(holdout, holdout_region, plan) \
-                            if cost > recipe.selection_share * budget else None
-                        if slab is not None:
-                            # Too large a region (a 512 x 512 CT): the network and network+grow are
-                            # compared on the held-out slice's slab alone, which holds no painted seed
-                            # for grow.
-                            slab_cost = _selection_seconds(window_seconds, slab, plan, recipe, intensity_candidates=1)
-                            if slab_cost <= recipe.selection_share * budget:
-                                progress.log(f"note: choosing the final step between the held-out slice's painted "
-                                             f"neighbours would take about {cost:.0f} s of the {budget:.0f} s budget: "
-                                             "network and network+grow are compared on a slab around it")
-                                region, candidates, cost = slab, SLAB_CANDIDATES, slab_cost
+                        crop = _crop_across(region, holdout, target, plan,
+                                            lambda r: _selection_seconds(window_seconds, r, plan, recipe), limit) \
+                            if cost > limit else None
+                        if crop is not None:
+                            # Too large a region (a 512 x 512 CT): the same three candidates, painted
+                            # neighbours included, on a part of it around the held-out slice's structures.
+                            progress.log(f"note: choosing the final step between the held-out slice's painted "
+                                         f"neighbours would take about {cost:.0f} s of the {budget:.0f} s budget: "
+                                         f"the candidates are compared on a {_extent_text(crop, holdout.axis)} part "
+                                         "of it around the held-out slice's structures")
+                            region, cost = crop, _selection_seconds(window_seconds, crop, plan, recipe)
                     if cost is not None and cost > recipe.selection_share * budget:
                         skipped_selection = cost
                         progress.log(f"note: choosing the final step on the held-out slice would take about {cost:.0f} s "
@@ -335,7 +335,8 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                                      f"is {recipe.final_step}")
                     elif opts.final_step == "auto":
                         selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, region,
-                                                       table, normalization, device, precision, recipe, candidates)
+                                                       table, normalization, device, precision, recipe,
+                                                       cropped=crop is not None)
                         progress.event("final_step", **_final_step_event(selection, table))
                         progress.log(_final_step_note(selection, table))
                         if opts.time_budget is not None:
@@ -542,6 +543,45 @@ def _slab_region(ref: SliceRef, region: np.ndarray, plan) -> tuple[slice, ...] |
     return tuple(sl)
 
 
+def _crop_across(region: tuple[slice, ...], ref: SliceRef, target: np.ndarray, plan, seconds, limit: float):
+    """The largest part of ``region`` across the held-out slice ``ref`` (its full extent along
+    ``ref.axis``, so both painted neighbours stay in) whose ``seconds(part)`` is within ``limit``:
+    the in-plane extent shrinks by ``CROP_FACTOR`` per try, down to one patch, centred on the painted
+    structures of the held-out slice (clipped to the region). None when even one patch is too costly."""
+    axis = ref.axis
+    across = [a for a in range(3) if a != axis]
+    take = [slice(None)] * 3
+    take[axis] = ref.index
+    painted = np.nonzero(target[tuple(take)] > 0)
+    centre = {}
+    for a, hits in zip(across, painted):
+        r = region[a]
+        inside = hits[(hits >= r.start) & (hits < r.stop)]
+        centre[a] = float(np.mean(inside)) if inside.size else 0.5 * (r.start + r.stop)
+    scale = 1.0
+    while True:
+        scale *= CROP_FACTOR
+        part, floor = list(region), True
+        for a in across:
+            r = region[a]
+            full = r.stop - r.start
+            size = min(full, max(plan.patch_size[a], int(round(full * scale))))
+            floor &= size == min(full, plan.patch_size[a])
+            lo = int(round(centre[a] - size / 2))
+            lo = min(max(lo, r.start), r.stop - size)
+            part[a] = slice(lo, lo + size)
+        part = tuple(part)
+        if seconds(part) <= limit:
+            return part
+        if floor:
+            return None
+
+
+def _extent_text(region: tuple[slice, ...], axis: int) -> str:
+    """The in-plane size of ``region`` across ``axis``, e.g. '300 x 280'."""
+    return " x ".join(str(region[a].stop - region[a].start) for a in range(3) if a != axis)
+
+
 def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef, region: np.ndarray,
                plan, device: torch.device, dtype: torch.dtype | None) -> float | None:
     """Mean foreground Dice on the held-out slice, predicting only a patch-thick slab around it."""
@@ -587,11 +627,12 @@ def _box_around(mask: np.ndarray, patch) -> np.ndarray:
 def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
                        holdout_region: np.ndarray, region: tuple[slice, ...], table: list[LabelInfo],
                        normalization: Normalization, device: torch.device, precision: str, recipe: FinetuneRecipe,
-                       candidates: Sequence[str] = refine.CANDIDATES) -> dict:
-    """Score each of ``candidates`` on the held-out slice, computed on ``region`` (which holds it) with
-    the network as trained without it and seeds from the other painted slices there; returns the
+                       cropped: bool = False) -> dict:
+    """Score each candidate on the held-out slice, computed on ``region`` (which holds it) with the
+    network as trained without it and seeds from the other painted slices there; returns the
     overall and the per-segment choice, the scores, and the time the region's prediction took (for
-    the final prediction's estimate)."""
+    the final prediction's estimate). ``cropped``: ``region`` is a part across of the region between
+    the painted neighbours (``_crop_across``), recorded as the scope."""
     from .predict import predict_array, window_count
     from .workflow import default_overlap
 
@@ -611,7 +652,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     mask_r = holdout_region[region]
     classes = range(1, len(table) + 1)
     scores, seconds = {}, {}
-    for name in candidates:
+    for name in refine.CANDIDATES:
         t = time.monotonic()
         pred = refine.candidate(name, image_r, probs_r, sparse_r, known_r, net.plan.spacing, recipe.refine_confidence,
                                 span_margin=recipe.grow_span_margin)
@@ -622,7 +663,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     return {"chosen": refine.choose(scores, margins=margins), "per_class": per_class,
             "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows,
             "candidate_seconds": seconds, "region_voxels": int(np.prod([r.stop - r.start for r in region])),
-            "scope": "slab" if tuple(candidates) == SLAB_CANDIDATES else "region"}
+            "scope": "crop" if cropped else "region", "across": _extent_text(region, holdout.axis)}
 
 
 def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:
@@ -633,7 +674,7 @@ def _final_step_event(selection: dict, table: list[LabelInfo], poor: float = DEF
     """The ``final_step`` progress event: the overall choice, the choice per segment scored on the
     held-out slice, each candidate's held-out Dice per segment, and the segments whose chosen result
     stays below ``poor`` there; ``scope``: where the candidates were computed (``region``: between the
-    held-out slice's painted neighbours, ``slab``: a patch-thick slab around it)."""
+    held-out slice's painted neighbours, ``crop``: a part of that region across, see _crop_across)."""
     per = {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}
     per_segment = {table[c - 1].name: name for c, name in sorted(selection["per_class"].items())}
     poor_segments = [seg for seg, name in per_segment.items() if per[name].get(seg, 1.0) < poor]
@@ -671,7 +712,7 @@ def _final_step_record(selection: dict | None, opts: FinetuneOptions, table: lis
     if selection is None:
         return {"chosen": opts.recipe.final_step, "by": "default (no held-out slice)"}
     by = "held-out slice"
-    if selection.get("scope") == "slab":
-        by += (" (network and network+grow on a slab around it: the region between its painted neighbours was "
-               "too large to compare all three within the budget)")
+    if selection.get("scope") == "crop":
+        by += (f" (on a {selection['across']} part across of the region between its painted neighbours: the whole "
+               "region was too large to compare the candidates within the budget)")
     return {**_final_step_event(selection, table), "by": by}

@@ -387,22 +387,48 @@ def test_a_held_out_choice_that_would_cost_too_much_of_the_budget_is_skipped(sha
     assert len(skipped) == (1 if share == 0.0 else 0)
 
 
-def test_a_region_too_large_to_compare_all_candidates_compares_two_on_the_held_out_slab(monkeypatch):
+def test_a_segment_running_on_to_the_region_face_at_its_painted_size_is_confined_and_a_thin_tail_is_not(monkeypatch):
+    """The default leak_face_ratio: lung2's tumour network+grow ran on past the tumour's end to the
+    region's face with 0.98 of its largest painted section there (3196 of 3255 voxels), while every
+    reference structure of the development set has at most 0.03 of it on a face."""
+    from hssl import workflow
+
+    image, truth = _bright_box()  # the box spans z 2..9, 14 x 14 = 196 voxels per slice
+    known = known_mask(truth.shape, [SliceRef(0, 3), SliceRef(0, 8)])
+    annotation = (np.where(known, truth, 0).astype(np.uint8), known)
+    roi = (slice(1, 11), slice(4, 26), slice(2, 24))  # every face inside the volume; z=10 is the last
+    model, volume, _, _, notes, progress = _painted_slice_case(image, truth)
+    network = truth.copy()
+    network[10, 8:22, 6:20] = 1  # the box's own section one slice past its end, on the face: 196 of 196
+    monkeypatch.setattr(workflow, "predict_array", lambda *args, **kwargs: (network.copy(), None))
+    pred = workflow.predict_volume(model, volume, "cpu", annotation=annotation, roi=roi, progress=progress)
+    assert np.array_equal(pred.labels, truth)
+    assert pred.per_segment == {"a": "network, grow beyond the painting"}
+    assert "196 voxels on one face, 196 on its fullest painted slice" in notes[0]
+    tail = truth.copy()
+    tail[10, 14, 12:16] = 1  # 4 voxels (0.02 of the painted section) on the face: not a leak
+    monkeypatch.setattr(workflow, "predict_array", lambda *args, **kwargs: (tail.copy(), None))
+    kept = workflow.predict_volume(model, volume, "cpu", annotation=annotation, roi=roi)
+    assert np.array_equal(kept.labels, tail) and "grow beyond the painting" not in str(kept.per_segment)
+
+
+def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_the_painted_neighbours(monkeypatch):
     from hssl import finetune as finetune_module
     from hssl.fewslice import array_geometry, make_case
     from hssl.finetune import FinetuneOptions, finetune
     from hssl.io import Volume
     from hssl.progress import Progress
 
-    image, truth = _bright_box((16, 24, 24), (slice(3, 13), slice(6, 18), slice(6, 18)))
+    image, truth = _bright_box((16, 40, 40), (slice(3, 13), slice(4, 16), slice(20, 34)))
     volume = Volume((image * 100).astype(np.float32), array_geometry(image.shape, (1.0, 1.0, 1.0)), "box")
     case = make_case(volume, truth, 3)
     regions = []
-    # The region between the painted neighbours (network + two intensity candidates) costs the
-    # whole budget; the slab (network + network+grow) nothing.
+    # Cost grows with the voxels: the region between the painted neighbours is over the limit, a
+    # part of at most 400 voxels per slice is within it.
     def seconds(per_window, region, plan, recipe, intensity_candidates=2):
-        regions.append((region, intensity_candidates))
-        return 100.0 if intensity_candidates == 2 else 0.0
+        regions.append(region)
+        extent = [r.stop - r.start for r in region]
+        return 100.0 if extent[1] * extent[2] > 400 else 0.0
     monkeypatch.setattr(finetune_module, "_selection_seconds", seconds)
     notes = []
     progress = Progress(bar=False)
@@ -410,14 +436,45 @@ def test_a_region_too_large_to_compare_all_candidates_compares_two_on_the_held_o
     opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16))
     result = finetune(case.volume, case.labels, case.annotation, opts, progress)
     record = result.final_step
-    assert record["by"].startswith("held-out slice (network and network+grow on a slab around it")
-    assert set(record["heldout_dice"]) == set(finetune_module.SLAB_CANDIDATES) == {"network", "network+grow"}
-    assert record["chosen"] in finetune_module.SLAB_CANDIDATES
-    assert any("compared on a slab around it" in n for n in notes)
-    slab = regions[-1][0]
+    assert record["scope"] == "crop"
+    assert record["by"].startswith("held-out slice (on a ") and "part across" in record["by"]
+    assert set(record["heldout_dice"]) == set(refine.CANDIDATES)  # all three, grow included
+    assert any("the candidates are compared on a" in n for n in notes)
     holdout = next(s for s in case.annotation.slices if s.name(case.volume.geometry.axis_names()) == result.heldout)
-    # The slab is patch-thick around the held-out slice (half a patch on either side).
-    assert slab[holdout.axis] == slice(max(0, holdout.index - 4), holdout.index + 5)
+    whole = refine.selection_region(case.annotation.slices, holdout, None, truth.shape)
+    crop = regions[-1]
+    # The full length between the painted neighbours, so their seeds are in ...
+    assert crop[holdout.axis] == whole[holdout.axis]
+    others = [s.index for s in case.annotation.slices if s.axis == holdout.axis and s != holdout]
+    assert all(crop[holdout.axis].start <= i < crop[holdout.axis].stop for i in others)
+    # ... shrunk across to fit (not below one patch), inside the region, around the structure
+    # (the box is off-centre: x 20..33).
+    across = [a for a in range(3) if a != holdout.axis]
+    sizes = [crop[a].stop - crop[a].start for a in across]
+    assert sizes[0] * sizes[1] <= 400 and min(sizes) >= 16, crop
+    assert all(whole[a].start <= crop[a].start and crop[a].stop <= whole[a].stop for a in across)
+    assert crop[2].start <= 20 and crop[2].stop >= 33, crop
+    assert record["by"].startswith(f"held-out slice (on a {sizes[0]} x {sizes[1]} part across")
+
+
+def test_the_final_step_is_the_default_when_even_one_patch_across_is_too_costly(monkeypatch):
+    from hssl import finetune as finetune_module
+    from hssl.fewslice import array_geometry, make_case
+    from hssl.finetune import FinetuneOptions, finetune
+    from hssl.io import Volume
+    from hssl.progress import Progress
+
+    image, truth = _bright_box((16, 40, 40), (slice(3, 13), slice(4, 16), slice(20, 34)))
+    volume = Volume((image * 100).astype(np.float32), array_geometry(image.shape, (1.0, 1.0, 1.0)), "box")
+    case = make_case(volume, truth, 3)
+    monkeypatch.setattr(finetune_module, "_selection_seconds", lambda *a, **k: 100.0)
+    notes = []
+    progress = Progress(bar=False)
+    progress.log = notes.append
+    result = finetune(case.volume, case.labels, case.annotation,
+                      FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16)), progress)
+    assert result.final_step["by"].startswith("default (the held-out choice would have taken about 100 s")
+    assert not any("the candidates are compared on a" in n for n in notes)
 
 
 def test_grow_stays_within_a_quarter_of_the_painted_span_beyond_the_outermost_slices():
