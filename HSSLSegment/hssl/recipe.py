@@ -67,9 +67,9 @@ class FinetuneRecipe:
     # grown from the painted slices instead (hssl.refine.leaking, confine). Reference structures of
     # the development set have at most 0.03 there, and so do the final predictions of eleven of its
     # twelve cases (seed 0, 3 slices); brain2's tumour network once had 14 (9628 voxels predicted for
-    # 368), lung2's tumour network+grow 0.32 to 1.54 over seeds 0-2 (it ran on two slices past the
-    # tumour's end: Dice 0.707-0.782, confined 0.80, Grow from seeds 0.794). No other prediction of
-    # seeds 0-2 exceeds 0.02.
+    # 368), lung2's tumour network+grow 0.30 to 1.54 in six runs of seeds 0-2 (it ran on two slices
+    # past the tumour's end: Dice 0.707-0.782 unconfined, 0.80 confined, Grow from seeds 0.794). No
+    # other prediction of seeds 0-2 exceeds 0.02.
     leak_face_ratio: float = 0.25
     # The held-out choice of the final step predicts the region between the held-out slice's painted
     # neighbours and runs each intensity candidate there. When that is estimated (a timed forward
