@@ -317,17 +317,18 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     if opts.final_step == "auto" and window_seconds is not None:
                         limit = recipe.selection_share * budget
                         cost = _selection_seconds(window_seconds, region, plan, recipe)
-                        crop = _crop_across(region, holdout, target, plan,
-                                            lambda r: _selection_seconds(window_seconds, r, plan, recipe), limit) \
+                        cropped = _crop_across(region, holdout, target, plan,
+                                               lambda r: _selection_seconds(window_seconds, r, plan, recipe), limit) \
                             if cost > limit else None
-                        if crop is not None:
+                        if cropped is not None:
+                            crop, crop_cost = cropped
                             # Too large a region (a 512 x 512 CT): the same three candidates, painted
                             # neighbours included, on a part of it around the held-out slice's structures.
                             progress.log(f"note: choosing the final step between the held-out slice's painted "
                                          f"neighbours would take about {cost:.0f} s of the {budget:.0f} s budget: "
                                          f"the candidates are compared on a {_extent_text(crop, holdout.axis)} part "
                                          "of it around the held-out slice's structures")
-                            region, cost = crop, _selection_seconds(window_seconds, crop, plan, recipe)
+                            region, cost = crop, crop_cost
                     if cost is not None and cost > recipe.selection_share * budget:
                         skipped_selection = cost
                         progress.log(f"note: choosing the final step on the held-out slice would take about {cost:.0f} s "
@@ -545,9 +546,10 @@ def _slab_region(ref: SliceRef, region: np.ndarray, plan) -> tuple[slice, ...] |
 
 def _crop_across(region: tuple[slice, ...], ref: SliceRef, target: np.ndarray, plan, seconds, limit: float):
     """The largest part of ``region`` across the held-out slice ``ref`` (its full extent along
-    ``ref.axis``, so both painted neighbours stay in) whose ``seconds(part)`` is within ``limit``:
-    the in-plane extent shrinks by ``CROP_FACTOR`` per try, down to one patch, centred on the painted
-    structures of the held-out slice (clipped to the region). None when even one patch is too costly."""
+    ``ref.axis``, so both painted neighbours stay in) whose ``seconds(part)`` is within ``limit``,
+    with those seconds: the in-plane extent shrinks by ``CROP_FACTOR`` per try, down to one patch,
+    centred on the painted structures of the held-out slice (clipped to the region). None when even
+    one patch is too costly."""
     axis = ref.axis
     across = [a for a in range(3) if a != axis]
     take = [slice(None)] * 3
@@ -571,8 +573,9 @@ def _crop_across(region: tuple[slice, ...], ref: SliceRef, target: np.ndarray, p
             lo = min(max(lo, r.start), r.stop - size)
             part[a] = slice(lo, lo + size)
         part = tuple(part)
-        if seconds(part) <= limit:
-            return part
+        cost = seconds(part)
+        if cost <= limit:
+            return part, cost
         if floor:
             return None
 
