@@ -66,9 +66,10 @@ class FinetuneRecipe:
     # this times its largest painted slice leaked there; outside the box of its painted voxels it is
     # grown from the painted slices instead (hssl.refine.leaking, confine). Reference structures of
     # the development set have at most 0.03 there, and the final predictions of the other cases at
-    # most 0.02 (3 slices, every seed run); brain2's tumour network once had 14 (9628 voxels predicted for
-    # 368), lung2's tumour network+grow 0.30 to 1.54 in six runs of seeds 0-2 (it ran on two slices
-    # past the tumour's end: Dice 0.707-0.782 unconfined, 0.80 confined, Grow from seeds 0.794).
+    # most 0.02 (3 slices, every seed run); brain2's tumour network once had 14 (9628 voxels
+    # predicted for 368), lung2's tumour network+grow 0.30 to 1.54 in six runs of seeds 0-2 (it ran
+    # on two slices past the tumour's end: Dice 0.707-0.782 unconfined, 0.80 confined, Grow from
+    # seeds 0.794).
     leak_face_ratio: float = 0.25
     # The held-out choice of the final step predicts the region between the held-out slice's painted
     # neighbours and runs each intensity candidate there. When that is estimated (a timed forward
