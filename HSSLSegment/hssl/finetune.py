@@ -316,9 +316,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
                     if opts.final_step == "auto" and window_seconds is not None:
                         limit = recipe.selection_share * budget
-                        cost = _selection_seconds(window_seconds, region, plan, recipe)
+                        cost = _selection_seconds(window_seconds, target.shape, region, plan, net.out_channels, recipe)
                         cropped = _crop_across(region, holdout, target, plan,
-                                               lambda r: _selection_seconds(window_seconds, r, plan, recipe), limit) \
+                                               lambda r: _selection_seconds(window_seconds, target.shape, r, plan, net.out_channels, recipe), limit) \
                             if cost > limit else None
                         if cropped is not None:
                             crop, crop_cost = cropped
@@ -342,7 +342,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                         progress.log(_final_step_note(selection, table))
                         if opts.time_budget is not None:
                             per_window = selection["predict_seconds"] / max(selection["windows"], 1)
-                            reserve = _reserve(per_window, predict_region, plan, recipe, selection["chosen"],
+                            reserve = _reserve(per_window, target.shape, predict_region, plan, net.out_channels, recipe, selection["chosen"],
                                                _refine_seconds(selection, predict_region))
                     net.train()
                     phase = "refine"
@@ -373,7 +373,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
             if step == 3 and opts.time_budget is not None:
                 window_seconds = _forward_seconds(net, plan, device, dtype)
                 default_final = opts.final_step if opts.final_step != "auto" else recipe.final_step
-                reserve = _reserve(window_seconds, predict_region, plan, recipe, default_final)
+                reserve = _reserve(window_seconds, target.shape, predict_region, plan, net.out_channels, recipe, default_final)
             fraction = _fraction(step, eta.elapsed(), opts, reserve)
             total = opts.steps if opts.steps is not None else max(step, int(round(step / max(fraction, 1e-9))))
             record = {"step": step, "loss": float(loss.item()), "heldout_dice": heldout_dice,
@@ -466,32 +466,35 @@ def _forward_seconds(net: SegNet, plan, device: torch.device, dtype) -> float:
     return seconds
 
 
-def _reserve(per_window: float, region: tuple[slice, ...], plan, recipe: FinetuneRecipe, final_step: str,
-             refine_seconds: float | None = None) -> float:
-    """Seconds of a time budget to keep for the final prediction of ``region``: its estimated time
-    (windows x seconds per window, plus the intensity refinement: ``refine_seconds`` when measured,
-    else ``recipe.grow_seconds_per_voxel`` per voxel of the region) minus the recipe's slack for it."""
-    from .predict import window_count
+def _windows(shape, region: tuple[slice, ...], plan, classes: int) -> int:
+    """The windows prediction runs over ``region`` of a ``shape`` volume, at its default overlap."""
+    from .predict import predicted_windows
     from .workflow import default_overlap
 
+    return predicted_windows(shape, plan.patch_size, default_overlap(region, plan.patch_size), classes, roi=region)
+
+
+def _reserve(per_window: float, shape, region: tuple[slice, ...], plan, classes: int, recipe: FinetuneRecipe,
+             final_step: str, refine_seconds: float | None = None) -> float:
+    """Seconds of a time budget to keep for the final prediction of ``region`` (of a ``shape``
+    volume, ``classes`` output channels): its estimated time (windows x seconds per window, plus the
+    intensity refinement: ``refine_seconds`` when measured, else ``recipe.grow_seconds_per_voxel``
+    per voxel of the region) minus the recipe's slack for it."""
     extent = [r.stop - r.start for r in region]
-    windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
-    network = per_window * windows
+    network = per_window * _windows(shape, region, plan, classes)
     if refine_seconds is None:
         voxels = float(np.prod(extent))
         refine_seconds = recipe.grow_seconds_per_voxel * voxels if final_step != "network" else 0.0
     return max(0.0, network + refine_seconds - recipe.first_prediction_slack_s)
 
 
-def _selection_seconds(per_window: float, region: tuple[slice, ...], plan, recipe: FinetuneRecipe,
-                       intensity_candidates: int = 2) -> float:
-    """Estimated seconds of ``_select_final_step`` on ``region``: the network over it (windows x
-    seconds per window) and each intensity candidate there (``recipe.grow_seconds_per_voxel``)."""
-    from .predict import window_count
-    from .workflow import default_overlap
-
+def _selection_seconds(per_window: float, shape, region: tuple[slice, ...], plan, classes: int,
+                       recipe: FinetuneRecipe, intensity_candidates: int = 2) -> float:
+    """Estimated seconds of ``_select_final_step`` on ``region`` of a ``shape`` volume: the network
+    over it (windows x seconds per window) and each intensity candidate there
+    (``recipe.grow_seconds_per_voxel``)."""
     extent = [r.stop - r.start for r in region]
-    windows = window_count(extent, plan.patch_size, default_overlap(region, plan.patch_size))
+    windows = _windows(shape, region, plan, classes)
     return per_window * windows + intensity_candidates * recipe.grow_seconds_per_voxel * float(np.prod(extent))
 
 
@@ -636,7 +639,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     overall and the per-segment choice, the scores, and the time the region's prediction took (for
     the final prediction's estimate). ``cropped``: ``region`` is a part across of the region between
     the painted neighbours (``_crop_across``), recorded as the scope."""
-    from .predict import predict_array, window_count
+    from .predict import predict_array
     from .workflow import default_overlap
 
     t0 = time.monotonic()
@@ -646,7 +649,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     _, probs = predict_array(model, image, device, overlap=overlap, precision=precision, probabilities=True,
                              roi=region)
     t_predict = time.monotonic() - t_predict
-    windows = window_count([r.stop - r.start for r in region], net.plan.patch_size, overlap)
+    windows = _windows(image.shape, region, net.plan, net.out_channels)
     net.train()
     train_known = known_mask(target.shape, [s for s in annotation.slices if s != holdout])
     probs_r, image_r = probs[(slice(None), *region)].astype(np.float32), image[region]

@@ -34,6 +34,33 @@ def window_count(shape, roi, overlap) -> int:
     return n
 
 
+def _context(roi: tuple[slice, ...], patch, shape) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """``roi`` clipped to ``shape`` and the part predict_array reads for it (half a patch of context)."""
+    roi = tuple(slice(max(0, r.start), min(n, r.stop)) for r, n in zip(roi, shape))
+    context = tuple(slice(max(0, r.start - p // 2), min(n, r.stop + p // 2)) for r, p, n in zip(roi, patch, shape))
+    return roi, context
+
+
+def _slab_starts(shape, patch, classes: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The z-slabs predict_array runs one after another on a ``shape`` volume: (first slice, read from,
+    read to) each, and the slab depth."""
+    nz, plane = shape[0], int(np.prod(shape[1:]))
+    slab = max(patch[0] * 2, SLAB_VOXELS * SLAB_CLASSES // max(classes, SLAB_CLASSES) // max(plane, 1))
+    margin = patch[0] // 2
+    starts = list(range(0, nz, slab)) if nz > slab else [0]
+    return [(s, max(0, s - margin), min(nz, s + slab + margin)) for s in starts], slab
+
+
+def predicted_windows(shape, patch, overlap: float, classes: int, roi: tuple[slice, ...] | None = None) -> int:
+    """The sliding windows predict_array runs on a ``shape`` volume (within ``roi``: its context
+    included), so that time estimates count what prediction does."""
+    if roi is not None:
+        _, context = _context(roi, patch, shape)
+        shape = [c.stop - c.start for c in context]
+    slabs, _ = _slab_starts(shape, patch, classes)
+    return sum(window_count((hi - lo, *shape[1:]), patch, overlap) for _, lo, hi in slabs)
+
+
 def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap: float = 0.25,
                   sw_batch_size: int = 4, precision: str = "auto", probabilities: bool = False,
                   on_progress: Callable[[int, int], None] | None = None, roi: tuple[slice, ...] | None = None):
@@ -45,9 +72,7 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
     outside it is background.
     """
     if roi is not None:
-        roi = tuple(slice(max(0, r.start), min(n, r.stop)) for r, n in zip(roi, image.shape))
-        context = tuple(slice(max(0, r.start - p // 2), min(n, r.stop + p // 2))
-                        for r, p, n in zip(roi, model.plan.patch_size, image.shape))
+        roi, context = _context(roi, model.plan.patch_size, image.shape)
         sub_labels, sub_probs = predict_array(model, image[context], device, overlap, sw_batch_size, precision,
                                               probabilities, on_progress)
         inner = tuple(slice(r.start - c.start, r.stop - c.start) for r, c in zip(roi, context))
@@ -61,30 +86,25 @@ def predict_array(model: Model, image: np.ndarray, device: torch.device, overlap
         return labels, probs
     net, roi = model.net.to(device).eval(), model.plan.patch_size
     nz = image.shape[0]
-    plane = int(np.prod(image.shape[1:]))
     classes = model.net.out_channels
-    slab = max(roi[0] * 2, SLAB_VOXELS * SLAB_CLASSES // max(classes, SLAB_CLASSES) // max(plane, 1))
-    margin = roi[0] // 2
     labels = np.zeros(image.shape, dtype=np.uint8 if classes < 256 else np.uint16)
     probs = np.zeros((classes, *image.shape), dtype=np.float16) if probabilities else None
-    starts = list(range(0, nz, slab)) if nz > slab else [0]
-    total = sum(window_count((min(nz, s + slab + margin) - max(0, s - margin), *image.shape[1:]), roi, overlap)
-                for s in starts)
+    slabs, slab = _slab_starts(image.shape, roi, classes)
+    total = predicted_windows(image.shape, roi, overlap, classes)
     done = [0]
     dtype = autocast_dtype(device, precision)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with autocast(device.type, dtype):
             out = torch.softmax(net(x).float(), dim=1)
-        done[0] += 1
+        done[0] += x.shape[0]  # a batch of windows
         if on_progress is not None:
-            on_progress(min(done[0] * 1, total), total)
+            on_progress(min(done[0], total), total)
         return out
 
     try:
         with torch.inference_mode():
-            for s in starts:
-                lo, hi = max(0, s - margin), min(nz, s + slab + margin)
+            for s, lo, hi in slabs:
                 x = torch.from_numpy(np.ascontiguousarray(image[lo:hi]))[None, None].to(device)
                 out = sliding_window_inference(x, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
                                                padding_mode="replicate")

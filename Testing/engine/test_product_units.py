@@ -124,6 +124,26 @@ def test_roi_prediction_is_background_outside_and_exact_inside():
     assert (probs[0][outside] == 1).all() and (probs[1][outside] == 0).all()
 
 
+@pytest.mark.parametrize("roi", [None, (slice(3, 11), slice(5, 25), slice(-4, 12))])
+def test_the_window_count_the_time_estimates_use_is_what_prediction_runs(monkeypatch, roi):
+    # The estimates of the final step's and the prediction's seconds count windows with
+    # predicted_windows: the ROI's half-patch of context and the z-slabs included.
+    image = np.random.default_rng(3).random((23, 30, 30)).astype(np.float32)
+    monkeypatch.setattr(predict, "SLAB_VOXELS", 5 * 30 * 30)
+    model = _model()
+    seen, bar = [], []
+    forward = model.net.forward
+    model.net.forward = lambda x: (seen.append(x.shape[0]), forward(x))[1]
+    predict.predict_array(model, image, torch.device("cpu"), overlap=0.5, roi=roi,
+                          on_progress=lambda done, total: bar.append((done, total)))
+    expected = predict.predicted_windows(image.shape, (4, 8, 8), 0.5, 2, roi=roi)
+    assert sum(seen) == expected
+    inner = [min(r.stop, n) - max(r.start, 0) for r, n in zip(roi, image.shape)] if roi else image.shape
+    assert expected > predict.window_count(inner, (4, 8, 8), 0.5) or roi is None
+    # The progress bar counts windows, not batches of them.
+    assert bar[-2] == (expected, expected) and bar[0][0] == seen[0]
+
+
 # ----------------------------------------------------------------------------- out-of-memory retreats
 
 def _volume(shape=(6, 10, 10)):

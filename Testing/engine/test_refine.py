@@ -256,13 +256,13 @@ def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement()
     assert _refine_seconds(only_network, region) == 0.0
     plan = SimpleNamespace(patch_size=(10, 20, 20))  # one window covers the region
     slack = DEFAULT_RECIPE.first_prediction_slack_s
-    assert _reserve(3.0, region, plan, DEFAULT_RECIPE, "network+grow", refine_seconds=12.0) == pytest.approx(15.0 - slack)
+    assert _reserve(3.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network+grow", refine_seconds=12.0) == pytest.approx(15.0 - slack)
     # Before anything is measured the refinement is counted per voxel of the region.
     per_voxel = dataclasses.replace(DEFAULT_RECIPE, grow_seconds_per_voxel=0.005)
-    assert _reserve(40.0, region, plan, per_voxel, "network+grow") == pytest.approx(40.0 + 4000 * 0.005 - slack)
-    assert _reserve(40.0, region, plan, per_voxel, "network") == pytest.approx(40.0 - slack)
-    assert _reserve(40.0, region, plan, DEFAULT_RECIPE, "network") == pytest.approx(40.0 - slack)
-    assert _reserve(1.0, region, plan, DEFAULT_RECIPE, "network") == 0.0
+    assert _reserve(40.0, (10, 20, 20), region, plan, 2, per_voxel, "network+grow") == pytest.approx(40.0 + 4000 * 0.005 - slack)
+    assert _reserve(40.0, (10, 20, 20), region, plan, 2, per_voxel, "network") == pytest.approx(40.0 - slack)
+    assert _reserve(40.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network") == pytest.approx(40.0 - slack)
+    assert _reserve(1.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network") == 0.0
 
 
 def test_an_unlearned_segment_keeps_network_plus_grow_only_where_the_network_merely_trims_it():
@@ -426,7 +426,7 @@ def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_
     regions = []
     # Cost grows with the voxels: the region between the painted neighbours is over the limit, a
     # part of at most 400 voxels per slice is within it.
-    def seconds(per_window, region, plan, recipe, intensity_candidates=2):
+    def seconds(per_window, shape, region, plan, classes, recipe, intensity_candidates=2):
         regions.append(region)
         extent = [r.stop - r.start for r in region]
         return 100.0 if extent[1] * extent[2] > 400 else 0.0
