@@ -38,6 +38,8 @@ from .training import autocast, backward_and_step, set_lr
 # Shrinking the selection region across the held-out slice to fit the budget: the in-plane extent
 # is scaled by this factor per try, down to one patch.
 CROP_FACTOR = 0.9
+# The held-out estimate's sliding-window overlap.
+SLAB_OVERLAP = 0.25
 
 
 @dataclasses.dataclass
@@ -274,6 +276,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                  f"held out: {holdout.name(names) if holdout else 'none'}")
 
     selection, skipped_selection, window_seconds = None, None, None
+    # Held-out estimates' (seconds, windows): the prediction's seconds per window, measured.
+    slab_passes: list[tuple[float, int]] = []
+    slab_windows = _slab_windows(holdout, holdout_region, plan) if holdout is not None else 0
     history: list[dict] = []
     step, stopped, heldout_dice, eval_seconds = 0, False, None, 0.0
     # A time budget is the time to the first prediction: training keeps back what the final
@@ -308,13 +313,20 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                         t_eval = time.monotonic()
                         heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
                         eval_seconds += time.monotonic() - t_eval
+                        slab_passes.append((time.monotonic() - t_eval, slab_windows))
                         net.train()
                     next_eval += holdout_fraction / (evals + 1)
                 if fraction >= holdout_fraction:
+                    t_eval = time.monotonic()
                     heldout_dice = _slab_dice(net, image, target, holdout, holdout_region, plan, device, dtype)
+                    slab_passes.append((time.monotonic() - t_eval, slab_windows))
                     cost, crop = None, None
                     region = refine.selection_region(annotation.slices, holdout, roi, target.shape)
                     if opts.final_step == "auto" and window_seconds is not None:
+                        # The held-out estimates were real sliding-window passes: their seconds per
+                        # window are a better measure than the single forward pass at step 3.
+                        if slab_passes and slab_windows:
+                            window_seconds = sum(t for t, _ in slab_passes) / sum(n for _, n in slab_passes)
                         limit = recipe.selection_share * budget
                         cost = _selection_seconds(window_seconds, target.shape, region, plan, net.out_channels, recipe)
                         cropped = _crop_across(region, holdout, target, plan,
@@ -343,7 +355,7 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                         if opts.time_budget is not None:
                             per_window = selection["predict_seconds"] / max(selection["windows"], 1)
                             reserve = _reserve(per_window, target.shape, predict_region, plan, net.out_channels, recipe, selection["chosen"],
-                                               _refine_seconds(selection, predict_region))
+                                               _refine_seconds(selection, predict_region, recipe))
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
@@ -454,16 +466,19 @@ def _fraction(step: int, elapsed: float, opts: FinetuneOptions, reserve: float =
     return max(parts)
 
 
-def _forward_seconds(net: SegNet, plan, device: torch.device, dtype) -> float:
-    """Seconds of one inference forward pass of a training-sized window."""
+def _forward_seconds(net: SegNet, plan, device: torch.device, dtype, tries: int = 3) -> float:
+    """Seconds of one inference forward pass of a training-sized window (the fastest of ``tries``:
+    the first pass after training steps can take twice as long)."""
     x = torch.zeros((1, 1, *plan.patch_size), device=device)
     net.eval()
-    t0 = time.monotonic()
+    best = np.inf
     with torch.inference_mode(), autocast(device.type, dtype):
-        net(x)
-    seconds = time.monotonic() - t0
+        for _ in range(tries):
+            t0 = time.monotonic()
+            net(x)
+            best = min(best, time.monotonic() - t0)
     net.train()
-    return seconds
+    return best
 
 
 def _windows(shape, region: tuple[slice, ...], plan, classes: int) -> int:
@@ -498,14 +513,16 @@ def _selection_seconds(per_window: float, shape, region: tuple[slice, ...], plan
     return per_window * windows + intensity_candidates * recipe.grow_seconds_per_voxel * float(np.prod(extent))
 
 
-def _refine_seconds(selection: dict, region: tuple[slice, ...]) -> float:
+def _refine_seconds(selection: dict, region: tuple[slice, ...], recipe: FinetuneRecipe = DEFAULT_RECIPE) -> float:
     """The intensity refinement's estimated seconds over ``region`` for the candidates the selection
-    chose: each one's time on the selection region, scaled by the voxel count (the grow is a
-    shortest-path search, about linear in the voxels)."""
+    chose: each one's time on the selection region, scaled by the voxel count, but never below
+    ``recipe.grow_seconds_per_voxel`` per voxel of ``region`` (a small region's grow can take a
+    third of that per voxel, see the recipe)."""
     needed = {selection["chosen"], *selection["per_class"].values()} - {"network"}
     voxels = float(np.prod([r.stop - r.start for r in region]))
     scale = voxels / max(selection["region_voxels"], 1)
-    return sum(selection["candidate_seconds"][name] for name in needed) * scale
+    return sum(max(selection["candidate_seconds"][name] * scale, recipe.grow_seconds_per_voxel * voxels)
+               for name in needed)
 
 
 def _after_oom(batch_size: int, device: torch.device, net: SegNet, progress: Progress):
@@ -588,6 +605,14 @@ def _extent_text(region: tuple[slice, ...], axis: int) -> str:
     return " x ".join(str(region[a].stop - region[a].start) for a in range(3) if a != axis)
 
 
+def _slab_windows(ref: SliceRef, region: np.ndarray, plan) -> int:
+    """The windows of one held-out estimate (``_slab_dice``); 0 when it scores nothing."""
+    from .predict import window_count
+
+    sl = _slab_region(ref, region, plan)
+    return 0 if sl is None else window_count([r.stop - r.start for r in sl], plan.patch_size, SLAB_OVERLAP)
+
+
 def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef, region: np.ndarray,
                plan, device: torch.device, dtype: torch.dtype | None) -> float | None:
     """Mean foreground Dice on the held-out slice, predicting only a patch-thick slab around it."""
@@ -599,7 +624,7 @@ def _slab_dice(net: SegNet, image: np.ndarray, target: np.ndarray, ref: SliceRef
     slab = torch.from_numpy(np.ascontiguousarray(image[tuple(sl)]))[None, None].to(device)
     net.eval()
     with torch.inference_mode(), autocast(device.type, dtype):
-        logits = sliding_window_inference(slab, plan.patch_size, 4, net, overlap=0.25, padding_mode="replicate")
+        logits = sliding_window_inference(slab, plan.patch_size, 4, net, overlap=SLAB_OVERLAP, padding_mode="replicate")
     pred = logits[0].argmax(0).to("cpu").numpy()
     take = [slice(None)] * 3
     take[axis] = index - lo

@@ -72,16 +72,22 @@ class FinetuneRecipe:
     # seeds 0.794).
     leak_face_ratio: float = 0.25
     # The held-out choice of the final step predicts the region between the held-out slice's painted
-    # neighbours and runs each intensity candidate there. When that is estimated (a timed forward
-    # pass per window, grow_seconds_per_voxel for each intensity candidate, as measured on 2 cores)
-    # to take more than this share of a time budget (on lung2's 512 x 512 chest CT it took 42 of
-    # 150 s and left 134 training steps), the candidates are compared on a part of that region
+    # neighbours and runs each intensity candidate there. When that is estimated (the windows that
+    # prediction runs there, at the seconds per window of the held-out estimates' sliding-window
+    # passes; grow_seconds_per_voxel for each intensity candidate, as measured on 2 cores) to take
+    # more than this share of a time budget (on lung2's 512 x 512 chest CT the whole region took 42
+    # of 150 s and left 134 training steps; a tenth, once the estimate counted every window, cut
+    # lung1's part to 175 x 198 and its Dice from 0.830 to 0.788 on seed 0, where the part of
+    # about 300 x 340 had taken 17-23 s), the candidates are compared on a part of that region
     # across (its full length along the held-out slice's axis, painted neighbours included, shrunk
     # in-plane around the held-out slice's structures until it fits); when even one patch across
-    # would take longer, the final step is final_step. Without a measured selection, the final
-    # prediction's reserve counts the grow at grow_seconds_per_voxel (lung2's 16 M-voxel region:
-    # about 25 s).
-    selection_share: float = 0.1
+    # would take longer, the final step is final_step. The final prediction's reserve counts the
+    # grow as its seconds in the selection region scaled by the voxels, and never less than
+    # grow_seconds_per_voxel (before a selection: that alone; lung2's 16 M-voxel region: about 25 s).
+    # The grow's seconds per voxel vary with the region and its seeds: on lung1's 11 M-voxel region
+    # the final grow took 21.5 s and 25.4 s in two runs, where the selection's had taken 6.2 s on a
+    # 2.9 M-voxel part (scaled: 23.4 s) and 0.38 s on a 0.55 M-voxel one (scaled: 7.7 s).
+    selection_share: float = 0.15
     grow_seconds_per_voxel: float = 1.5e-6
     # Self-supervised adaptation to the scan before fine-tuning (hssl.adapt): this share of a time
     # budget, at this learning rate. Off (0) until it wins on the development set.

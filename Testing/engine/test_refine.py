@@ -1,6 +1,7 @@
 """The final-segmentation candidates and their choice on the held-out slice, on synthetic cases
 whose right answer is known."""
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -252,6 +253,9 @@ def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement()
                  "candidate_seconds": {"network": 0.1, "network+grow": 2.0, "grow": 1.0}, "region_voxels": 1000}
     region = (slice(0, 10), slice(0, 20), slice(0, 20))
     assert _refine_seconds(selection, region) == pytest.approx((2.0 + 1.0) * 4)
+    # Never below the recipe's seconds per voxel (a small region's grow is faster per voxel).
+    slow = dataclasses.replace(DEFAULT_RECIPE, grow_seconds_per_voxel=0.001)
+    assert _refine_seconds(selection, region, slow) == pytest.approx(2.0 * 4 + 4000 * 0.001)
     only_network = {**selection, "chosen": "network", "per_class": {1: "network"}}
     assert _refine_seconds(only_network, region) == 0.0
     plan = SimpleNamespace(patch_size=(10, 20, 20))  # one window covers the region
@@ -456,6 +460,46 @@ def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_
     assert all(whole[a].start <= crop[a].start and crop[a].stop <= whole[a].stop for a in across)
     assert crop[2].start <= 20 and crop[2].stop >= 33, crop
     assert record["by"].startswith(f"held-out slice (on a {sizes[0]} x {sizes[1]} part across")
+
+
+def test_the_choice_is_costed_at_the_seconds_per_window_of_the_held_out_estimates(monkeypatch):
+    from hssl import finetune as finetune_module
+    from hssl.fewslice import array_geometry, make_case
+    from hssl.finetune import FinetuneOptions, finetune
+    from hssl.io import Volume
+    from hssl.progress import Progress
+
+    image, truth = _bright_box((16, 40, 40), (slice(3, 13), slice(4, 16), slice(20, 34)))
+    volume = Volume((image * 100).astype(np.float32), array_geometry(image.shape, (1.0, 1.0, 1.0)), "box")
+    case = make_case(volume, truth, 3)
+    # A single forward pass that misjudges the speed (the first one after training can take twice
+    # as long): the choice's cost uses what the held-out estimates' own passes took per window.
+    monkeypatch.setattr(finetune_module, "_forward_seconds", lambda *a, **k: 50.0)
+    passes, costed = [], []
+    slab_dice = finetune_module._slab_dice
+    def timed_slab_dice(*a, **k):
+        t = time.monotonic()
+        try:
+            return slab_dice(*a, **k)
+        finally:
+            passes.append(time.monotonic() - t)
+    monkeypatch.setattr(finetune_module, "_slab_dice", timed_slab_dice)
+    counted = []
+    slab_windows = finetune_module._slab_windows
+    monkeypatch.setattr(finetune_module, "_slab_windows", lambda *a: counted.append(slab_windows(*a)) or counted[-1])
+    selection_seconds = finetune_module._selection_seconds
+    def recorded(per_window, *a, **k):
+        costed.append(per_window)
+        return selection_seconds(per_window, *a, **k)
+    monkeypatch.setattr(finetune_module, "_selection_seconds", recorded)
+    opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16))
+    result = finetune(case.volume, case.labels, case.annotation, opts, Progress(bar=False))
+    assert result.final_step["by"] == "held-out slice" and costed and passes
+    windows = counted[0]
+    assert windows > 0
+    # Every timed pass before the choice counts: its mean per window, not the 50 s forward pass.
+    assert costed[0] == pytest.approx(sum(passes) / (len(passes) * windows), rel=0.2)
+    assert costed[0] < 1.0
 
 
 def test_the_final_step_is_the_default_when_even_one_patch_across_is_too_costly(monkeypatch):
