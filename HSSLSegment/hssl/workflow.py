@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -111,7 +112,9 @@ def run_finetune(image: str, labels: str, out: str, opts: FinetuneOptions, progr
 class Prediction:
     """An in-memory prediction on the image grid: ``labels`` ``[z, y, x]`` label values (the model's
     table, 0 = background), ``probs`` ``(C, z, y, x)`` float16 or None, the table of the segments
-    kept, the device that ran it and the seconds it took."""
+    kept, the device that ran it, the seconds it took and, in ``stage_seconds``, the seconds of each
+    stage that ran (``network``: the sliding-window passes; ``refine``: the intensity candidates;
+    ``confine``: the grow beyond a leaking segment's painting)."""
 
     labels: np.ndarray
     probs: np.ndarray | None
@@ -120,6 +123,7 @@ class Prediction:
     seconds: float
     final: str = "network"  # the last step that produced the labels (hssl.refine.CANDIDATES)
     per_segment: dict = dataclasses.field(default_factory=dict)  # segment name -> final step, where it differs
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
 
 
 DENSE_WINDOWS = 64  # a region predicted at overlap 0.5 in at most this many windows takes seconds
@@ -206,8 +210,15 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                     progress.log("GPU out of memory while predicting even with one window at a time: "
                                  "continuing on the CPU (slower)")
 
+    stages = {}
+
+    def timed(stage: str, started: float) -> None:
+        stages[stage] = round(stages.get(stage, 0.0) + time.monotonic() - started, 2)
+
+    t = time.monotonic()
     classes, probs = infer(probabilities or needed != {"network"})
     progress.close()
+    timed("network", t)
     if annotation is not None:
         sparse = _class_indices(model, annotation[0])
         unlearned = {}
@@ -222,11 +233,14 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                 if probs is None:
                     # The model chose the network alone, so its probabilities were not kept (they
                     # cost a float16 copy of the volume per class); network+grow needs them.
+                    t = time.monotonic()
                     _, probs = infer(True)
                     progress.close()
+                    timed("network", t)
         recipe = _trained_recipe(model)
         grown = None
         if needed != {"network"}:
+            t = time.monotonic()
             classes, fallback, grown = _refined(needed, final, per_class, model, x, classes, probs, sparse, annotation[1],
                                                 roi, recipe, unlearned)
             for c, (name, share) in fallback.items():
@@ -236,8 +250,12 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
                              f"on its painted slices): that segment is grown from the painted slices on the "
                              f"intensities, {how} {share:.0%} of its size grown alone")
             per_class.update({c: name for c, (name, _) in fallback.items()})
+            timed("refine", t)
         if final_step is None:
+            t = time.monotonic()
             classes, confined = _confined(model, x, classes, sparse, annotation[1], roi, recipe, final, per_class, grown)
+            if confined:
+                timed("confine", t)
             for c, (face, section) in confined.items():
                 progress.log(f"note: '{model.labels[c - 1].name}' runs to the edge of the region around the painted "
                              f"slices ({face} voxels on one face, {section} on its fullest painted slice): the network "
@@ -257,7 +275,7 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
         labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
     chosen = [lab for lab in model.labels if not segments or lab.name in segments]
     return Prediction(labels, probs, chosen, dev.type, eta.elapsed(), final,
-                      {model.labels[c - 1].name: name for c, name in sorted(per_class.items())})
+                      {model.labels[c - 1].name: name for c, name in sorted(per_class.items())}, stages)
 
 
 def model_final_step(model: Model) -> tuple[str, dict[int, str]]:
@@ -375,8 +393,9 @@ def run_predict(model: Model | str, image: str, out: str, device: str = "auto", 
     if probabilities and probs is not None:
         write_labelmap(probabilities, np.moveaxis(probs[1:].astype(np.float32), 0, -1)
                        if probs.shape[0] > 2 else probs[1].astype(np.float32), volume.geometry, overwrite)
-    progress.event("prediction", path=str(out), seconds=round(pred.seconds, 2))
-    progress.log(f"prediction written to {out} ({pred.seconds:.1f} s on {pred.device})")
+    progress.event("prediction", path=str(out), seconds=round(pred.seconds, 2), stage_seconds=pred.stage_seconds)
+    stages = ", ".join(f"{name} {sec:.1f} s" for name, sec in pred.stage_seconds.items())
+    progress.log(f"prediction written to {out} ({pred.seconds:.1f} s on {pred.device}: {stages})")
     return {"path": str(out), "seconds": pred.seconds, "labels": pred.labels, "geometry": volume.geometry,
             "label_table": pred.label_table}
 

@@ -183,8 +183,12 @@ def test_predict_volume_applies_the_models_per_segment_choice():
     assert model_final_step(model) == ("network", {1: "grow"})
     pred = predict_volume(model, volume, "cpu", annotation=annotation)
     assert pred.per_segment == {"a": "grow"} and np.array_equal(pred.labels, truth)
+    # Each stage that ran is timed, so a run over its budget shows which stage took the time.
+    assert set(pred.stage_seconds) == {"network", "refine"}
+    assert all(0 <= v <= pred.seconds + 0.01 for v in pred.stage_seconds.values())
     network = predict_volume(model, volume, "cpu", annotation=annotation, final_step="network")
     assert (network.labels[~known] == 1).all()  # the network alone: everything
+    assert set(network.stage_seconds) == {"network"}
     model.meta = {"training": {"final_step": {"chosen": "magic"}}}
     with pytest.raises(Exception, match="unknown final step"):
         model_final_step(model)

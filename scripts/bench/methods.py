@@ -95,7 +95,7 @@ def _ours(case, budget: Budget, init: str, adapt_seconds: float | None = None) -
     pred = predict_volume(result.model, case.volume, budget.device, progress=quiet, annotation=result.annotation,
                           roi=result.roi)
     extra = {"init": training["init"], "heldout_dice": result.heldout_dice, "final_step": result.final_step,
-             "adaptation": training.get("adaptation")}
+             "adaptation": training.get("adaptation"), "predict_stages_s": pred.stage_seconds}
     return Output(pred.labels, result.steps, list(result.model.plan.patch_size), result.seconds, pred.seconds, extra,
                   after=lambda: {"candidates": _other_final_steps(case, result, pred.final, budget, quiet)})
 
