@@ -354,8 +354,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                         progress.log(_final_step_note(selection, table))
                         if opts.time_budget is not None:
                             per_window = selection["predict_seconds"] / max(selection["windows"], 1)
+                            candidates, passes = _expected_final(selection, recipe)
                             reserve = _reserve(per_window, target.shape, predict_region, plan, net.out_channels, recipe, selection["chosen"],
-                                               _refine_seconds(selection, predict_region, recipe))
+                                               _refine_seconds(selection, predict_region, recipe, candidates), passes)
                     net.train()
                     phase = "refine"
                     full_known = annotation.known if roi is None else annotation.known & inside
@@ -490,17 +491,32 @@ def _windows(shape, region: tuple[slice, ...], plan, classes: int) -> int:
 
 
 def _reserve(per_window: float, shape, region: tuple[slice, ...], plan, classes: int, recipe: FinetuneRecipe,
-             final_step: str, refine_seconds: float | None = None) -> float:
+             final_step: str, refine_seconds: float | None = None, passes: int = 1) -> float:
     """Seconds of a time budget to keep for the final prediction of ``region`` (of a ``shape``
-    volume, ``classes`` output channels): its estimated time (windows x seconds per window, plus the
-    intensity refinement: ``refine_seconds`` when measured, else ``recipe.grow_seconds_per_voxel``
-    per voxel of the region) minus the recipe's slack for it."""
+    volume, ``classes`` output channels): its estimated time (``passes`` network passes of windows x
+    seconds per window, plus the intensity refinement: ``refine_seconds`` when measured, else
+    ``recipe.grow_seconds_per_voxel`` per voxel of the region) minus the recipe's slack for it."""
     extent = [r.stop - r.start for r in region]
-    network = per_window * _windows(shape, region, plan, classes)
+    network = passes * per_window * _windows(shape, region, plan, classes)
     if refine_seconds is None:
         voxels = float(np.prod(extent))
         refine_seconds = recipe.grow_seconds_per_voxel * voxels if final_step != "network" else 0.0
     return max(0.0, network + refine_seconds - recipe.first_prediction_slack_s)
+
+
+def _expected_final(selection: dict, recipe: FinetuneRecipe = DEFAULT_RECIPE) -> tuple[set[str], int]:
+    """The intensity candidates the final prediction is expected to compute, and its network passes.
+    Those chosen on the held-out slice, and, when a segment (not grown alone already) reproduced its
+    painted slices below ``recipe.poor_heldout_dice`` in the selection's prediction, both
+    ``network+grow`` and ``grow``: the prediction grows such a segment (``hssl.workflow``, unlearned),
+    after a second pass for the probabilities when the network alone was chosen for everything."""
+    chosen = selection["chosen"]
+    steps = {chosen, *selection["per_class"].values()} - {"network"}
+    shaky = [c for c, fit in selection.get("painted_fit", {}).items()
+             if fit < recipe.poor_heldout_dice and selection["per_class"].get(c, chosen) != "grow"]
+    if not shaky:
+        return steps, 1
+    return steps | {"network+grow", "grow"}, 1 if steps else 2
 
 
 def _selection_seconds(per_window: float, shape, region: tuple[slice, ...], plan, classes: int,
@@ -513,16 +529,18 @@ def _selection_seconds(per_window: float, shape, region: tuple[slice, ...], plan
     return per_window * windows + intensity_candidates * recipe.grow_seconds_per_voxel * float(np.prod(extent))
 
 
-def _refine_seconds(selection: dict, region: tuple[slice, ...], recipe: FinetuneRecipe = DEFAULT_RECIPE) -> float:
-    """The intensity refinement's estimated seconds over ``region`` for the candidates the selection
-    chose: each one's time on the selection region, scaled by the voxel count, but never below
-    ``recipe.grow_seconds_per_voxel`` per voxel of ``region`` (a small region's grow can take a
-    third of that per voxel, see the recipe)."""
-    needed = {selection["chosen"], *selection["per_class"].values()} - {"network"}
+def _refine_seconds(selection: dict, region: tuple[slice, ...], recipe: FinetuneRecipe = DEFAULT_RECIPE,
+                    candidates: set[str] | None = None) -> float:
+    """The intensity refinement's estimated seconds over ``region`` for ``candidates`` (default: those
+    the selection chose): each one's time on the selection region, scaled by the voxel count, but
+    never below ``recipe.grow_seconds_per_voxel`` per voxel of ``region`` (a small region's grow can
+    take a third of that per voxel, see the recipe)."""
+    if candidates is None:
+        candidates = {selection["chosen"], *selection["per_class"].values()}
     voxels = float(np.prod([r.stop - r.start for r in region]))
     scale = voxels / max(selection["region_voxels"], 1)
     return sum(max(selection["candidate_seconds"][name] * scale, recipe.grow_seconds_per_voxel * voxels)
-               for name in needed)
+               for name in set(candidates) - {"network"})
 
 
 def _after_oom(batch_size: int, device: torch.device, net: SegNet, progress: Progress):
@@ -682,6 +700,9 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     sparse_r = np.where(known_r, target[region], 0)
     mask_r = holdout_region[region]
     classes = range(1, len(table) + 1)
+    # How the network reproduces the painted slices there: a segment it does not will be grown by
+    # the final prediction (hssl.workflow, unlearned), which the time kept for it must count.
+    fit = refine.painted_fit(np.argmax(probs_r, axis=0), sparse_r, known_r, classes)
     scores, seconds = {}, {}
     for name in refine.CANDIDATES:
         t = time.monotonic()
@@ -693,7 +714,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     per_class = refine.choose_per_class(scores, margins=margins, poor=recipe.poor_heldout_dice)
     return {"chosen": refine.choose(scores, margins=margins), "per_class": per_class,
             "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows,
-            "candidate_seconds": seconds, "region_voxels": int(np.prod([r.stop - r.start for r in region])),
+            "candidate_seconds": seconds, "painted_fit": fit, "region_voxels": int(np.prod([r.stop - r.start for r in region])),
             "scope": "crop" if cropped else "region", "across": _extent_text(region, holdout.axis)}
 
 
@@ -705,12 +726,14 @@ def _final_step_event(selection: dict, table: list[LabelInfo], poor: float = DEF
     """The ``final_step`` progress event: the overall choice, the choice per segment scored on the
     held-out slice, each candidate's held-out Dice per segment, and the segments whose chosen result
     stays below ``poor`` there; ``scope``: where the candidates were computed (``region``: between the
-    held-out slice's painted neighbours, ``crop``: a part of that region across, see _crop_across)."""
+    held-out slice's painted neighbours, ``crop``: a part of that region across, see _crop_across);
+    ``painted_fit``: the network's Dice per segment on the other painted slices there."""
     per = {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}
     per_segment = {table[c - 1].name: name for c, name in sorted(selection["per_class"].items())}
     poor_segments = [seg for seg, name in per_segment.items() if per[name].get(seg, 1.0) < poor]
     return {"chosen": selection["chosen"], "per_segment": per_segment, "seconds": round(selection["seconds"], 2),
-            "heldout_dice": per, "poor_segments": poor_segments, "scope": selection.get("scope", "region")}
+            "heldout_dice": per, "poor_segments": poor_segments, "scope": selection.get("scope", "region"),
+            "painted_fit": _per_segment(selection.get("painted_fit", {}), table)}
 
 
 def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:

@@ -249,7 +249,7 @@ def test_a_segment_the_network_did_not_learn_is_grown_and_the_log_says_so():
 def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement():
     from types import SimpleNamespace
 
-    from hssl.finetune import _refine_seconds, _reserve
+    from hssl.finetune import _expected_final, _refine_seconds, _reserve
     from hssl.recipe import DEFAULT_RECIPE
 
     # The selection timed each candidate on a 1,000-voxel region; the final region has 4,000.
@@ -262,6 +262,16 @@ def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement()
     assert _refine_seconds(selection, region, slow) == pytest.approx(2.0 * 4 + 4000 * 0.001)
     only_network = {**selection, "chosen": "network", "per_class": {1: "network"}}
     assert _refine_seconds(only_network, region) == 0.0
+    # A segment the selection's network did not reproduce on its painted slices will be grown by the
+    # final prediction: both intensity candidates are counted, and a second network pass (for the
+    # probabilities) when the network alone was chosen for everything.
+    assert _expected_final(selection) == ({"network+grow", "grow"}, 1)
+    assert _expected_final(only_network) == (set(), 1)
+    assert _expected_final({**only_network, "painted_fit": {1: 0.9}}) == (set(), 1)
+    assert _expected_final({**only_network, "painted_fit": {1: 0.3}}) == ({"network+grow", "grow"}, 2)
+    grown = {**selection, "chosen": "network", "per_class": {1: "network", 2: "grow"}, "painted_fit": {1: 0.8, 2: 0.1}}
+    assert _expected_final(grown) == ({"grow"}, 1)  # the poorly fitted segment is grown alone already
+    assert _refine_seconds(only_network, region, candidates={"network+grow", "grow"}) == pytest.approx((2.0 + 1.0) * 4)
     plan = SimpleNamespace(patch_size=(10, 20, 20))  # one window covers the region
     slack = DEFAULT_RECIPE.first_prediction_slack_s
     assert _reserve(3.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network+grow", refine_seconds=12.0) == pytest.approx(15.0 - slack)
@@ -271,6 +281,7 @@ def test_the_time_kept_for_the_final_prediction_counts_the_measured_refinement()
     assert _reserve(40.0, (10, 20, 20), region, plan, 2, per_voxel, "network") == pytest.approx(40.0 - slack)
     assert _reserve(40.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network") == pytest.approx(40.0 - slack)
     assert _reserve(1.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network") == 0.0
+    assert _reserve(20.0, (10, 20, 20), region, plan, 2, DEFAULT_RECIPE, "network", 0.0, passes=2) == pytest.approx(40.0 - slack)
 
 
 def test_an_unlearned_segment_keeps_network_plus_grow_only_where_the_network_merely_trims_it():
@@ -448,6 +459,8 @@ def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_
     assert record["scope"] == "crop"
     assert record["by"].startswith("held-out slice (on a ") and "part across" in record["by"]
     assert set(record["heldout_dice"]) == set(refine.CANDIDATES)  # all three, grow included
+    # The network's fit to the other painted slices there, per segment (for the final prediction's reserve).
+    assert set(record["painted_fit"]) == set(record["per_segment"]) and all(0 <= v <= 1 for v in record["painted_fit"].values())
     assert any("the candidates are compared on a" in n for n in notes)
     holdout = next(s for s in case.annotation.slices if s.name(case.volume.geometry.axis_names()) == result.heldout)
     whole = refine.selection_region(case.annotation.slices, holdout, None, truth.shape)
