@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from . import lifeline, refine
+from . import lifeline, postprocess, refine
 from .device import autocast_dtype, is_oom, resolve_device
 from .errors import HSSLError, OutOfMemory
 from .io import Labels, LabelInfo, Volume
@@ -349,7 +349,9 @@ def finetune(volume: Volume, labels: Labels, annotation: Annotation, opts: Finet
                     elif opts.final_step == "auto":
                         selection = _select_final_step(net, image, target, annotation, holdout, holdout_region, region,
                                                        table, normalization, device, precision, recipe,
-                                                       cropped=crop is not None)
+                                                       cropped=crop is not None,
+                                                       final_voxels=int(np.prod([r.stop - r.start for r in predict_region])),
+                                                       limit_seconds=None if budget is None else recipe.selection_share * budget)
                         progress.event("final_step", **_final_step_event(selection, table))
                         progress.log(_final_step_note(selection, table))
                         if opts.time_budget is not None:
@@ -676,12 +678,15 @@ def _box_around(mask: np.ndarray, patch) -> np.ndarray:
 def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annotation: Annotation, holdout: SliceRef,
                        holdout_region: np.ndarray, region: tuple[slice, ...], table: list[LabelInfo],
                        normalization: Normalization, device: torch.device, precision: str, recipe: FinetuneRecipe,
-                       cropped: bool = False) -> dict:
+                       cropped: bool = False, final_voxels: int | None = None, limit_seconds: float | None = None) -> dict:
     """Score each candidate on the held-out slice, computed on ``region`` (which holds it) with the
     network as trained without it and seeds from the other painted slices there; returns the
     overall and the per-segment choice, the scores, and the time the region's prediction took (for
     the final prediction's estimate). ``cropped``: ``region`` is a part across of the region between
-    the painted neighbours (``_crop_across``), recorded as the scope."""
+    the painted neighbours (``_crop_across``), recorded as the scope. ``grow`` is also scored over
+    ``recipe.alt_grow_connectivity`` neighbours when the final prediction's region (``final_voxels``)
+    is small enough and the selection's seconds stay within ``limit_seconds``; the better one (ties:
+    6) is the ``grow`` candidate, its connectivity recorded."""
     from .predict import predict_array
     from .workflow import default_overlap
 
@@ -700,9 +705,11 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     sparse_r = np.where(known_r, target[region], 0)
     mask_r = holdout_region[region]
     classes = range(1, len(table) + 1)
-    # How the network reproduces the painted slices there: a segment it does not will be grown by
-    # the final prediction (hssl.workflow, unlearned), which the time kept for it must count.
-    fit = refine.painted_fit(np.argmax(probs_r, axis=0), sparse_r, known_r, classes)
+    # How the network reproduces the painted slices there (on the components post-processing keeps,
+    # as the final prediction judges it): a segment it does not will be grown by the final
+    # prediction (hssl.workflow, unlearned), which the time kept for it must count.
+    kept = postprocess.keep_annotated_components(np.argmax(probs_r, axis=0).astype(np.uint8), sparse_r, known_r)
+    fit = refine.painted_fit(kept, sparse_r, known_r, classes)
     scores, seconds = {}, {}
     for name in refine.CANDIDATES:
         t = time.monotonic()
@@ -710,12 +717,30 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
                                 span_margin=recipe.grow_span_margin)
         seconds[name] = time.monotonic() - t
         scores[name] = refine.slice_dice(pred, target[region], mask_r, classes)
+    connectivity, tried = 6, {}
+    alt = recipe.alt_grow_connectivity
+    spent = time.monotonic() - t0
+    if (alt and alt != 6 and final_voxels is not None and final_voxels <= recipe.alt_grow_max_voxels
+            and (limit_seconds is None or spent + recipe.alt_grow_cost * seconds["grow"] <= limit_seconds)):
+        t = time.monotonic()
+        pred = refine.candidate("grow", image_r, None, sparse_r, known_r, net.plan.spacing,
+                                span_margin=recipe.grow_span_margin, connectivity=alt)
+        alt_seconds = time.monotonic() - t
+        alt_scores = refine.slice_dice(pred, target[region], mask_r, classes)
+        tried = {6: _mean(scores["grow"]), alt: _mean(alt_scores)}
+        if tried[alt] > tried[6]:
+            scores["grow"], seconds["grow"], connectivity = alt_scores, alt_seconds, alt
     margins = {"grow": recipe.grow_margin}
     per_class = refine.choose_per_class(scores, margins=margins, poor=recipe.poor_heldout_dice)
     return {"chosen": refine.choose(scores, margins=margins), "per_class": per_class,
             "scores": scores, "seconds": time.monotonic() - t0, "predict_seconds": t_predict, "windows": windows,
             "candidate_seconds": seconds, "painted_fit": fit, "region_voxels": int(np.prod([r.stop - r.start for r in region])),
-            "scope": "crop" if cropped else "region", "across": _extent_text(region, holdout.axis)}
+            "scope": "crop" if cropped else "region", "across": _extent_text(region, holdout.axis),
+            "grow_connectivity": connectivity, "grow_by_connectivity": tried}
+
+
+def _mean(scores: dict[int, float]) -> float:
+    return float(np.mean(list(scores.values()))) if scores else 0.0
 
 
 def _per_segment(scores: dict[int, float], table: list[LabelInfo]) -> dict[str, float]:
@@ -727,13 +752,17 @@ def _final_step_event(selection: dict, table: list[LabelInfo], poor: float = DEF
     held-out slice, each candidate's held-out Dice per segment, and the segments whose chosen result
     stays below ``poor`` there; ``scope``: where the candidates were computed (``region``: between the
     held-out slice's painted neighbours, ``crop``: a part of that region across, see _crop_across);
-    ``painted_fit``: the network's Dice per segment on the other painted slices there."""
+    ``painted_fit``: the network's Dice per segment on the other painted slices there;
+    ``grow_connectivity``: the neighbours ``grow`` competes over (6 or 26), chosen by the mean
+    held-out Dice in ``grow_by_connectivity`` (empty when only 6 was tried)."""
     per = {name: _per_segment(sc, table) for name, sc in selection["scores"].items()}
     per_segment = {table[c - 1].name: name for c, name in sorted(selection["per_class"].items())}
     poor_segments = [seg for seg, name in per_segment.items() if per[name].get(seg, 1.0) < poor]
     return {"chosen": selection["chosen"], "per_segment": per_segment, "seconds": round(selection["seconds"], 2),
             "heldout_dice": per, "poor_segments": poor_segments, "scope": selection.get("scope", "region"),
-            "painted_fit": _per_segment(selection.get("painted_fit", {}), table)}
+            "painted_fit": _per_segment(selection.get("painted_fit", {}), table),
+            "grow_connectivity": selection.get("grow_connectivity", 6),
+            "grow_by_connectivity": {str(k): round(v, 4) for k, v in selection.get("grow_by_connectivity", {}).items()}}
 
 
 def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:
@@ -741,7 +770,8 @@ def _final_step_note(selection: dict, table: list[LabelInfo]) -> str:
     parts = []
     for name, sc in selection["scores"].items():
         mean = np.mean(list(sc.values())) if sc else float("nan")
-        parts.append(f"{name} {mean:.3f}")
+        wide = name == "grow" and selection.get("grow_connectivity", 6) != 6
+        parts.append(f"{name}{' (all 26 neighbours)' if wide else ''} {mean:.3f}")
     note = f"held-out slice Dice by final step: {', '.join(parts)}; using {selection['chosen']}"
     others = {seg: name for seg, name in event["per_segment"].items() if name != selection["chosen"]}
     if others:

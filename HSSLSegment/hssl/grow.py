@@ -20,33 +20,58 @@ import numpy as np
 
 from .errors import HSSLError
 
-MAX_GROW_VOXELS = 40_000_000  # about 2 GB of graph; larger regions are refused (crop first)
+MAX_GROW_VOXELS = 40_000_000  # at 6-connectivity, about 2 GB of graph; larger regions are refused (crop first)
 
 
-def _edges(shape: Sequence[int], mask: np.ndarray | None):
-    """Pairs of 6-neighbours (flat indices into ``shape``), both inside ``mask`` when given."""
-    index = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
-    for axis in range(3):
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[axis], b[axis] = slice(0, -1), slice(1, None)
-        ia, ib = index[tuple(a)], index[tuple(b)]
+def max_voxels(connectivity: int = 6) -> int:
+    """The largest region ``grow_from_seeds`` takes at ``connectivity``: the graph's edges grow with
+    it (3 per voxel at 6, 13 at 26), its memory with them."""
+    return MAX_GROW_VOXELS * 6 // connectivity
+
+
+def _offsets(connectivity: int) -> list[tuple[int, int, int]]:
+    """One of each pair of opposite neighbour offsets: 6 (faces), 18 (faces, edges) or 26 (and corners)
+    connectivity, as (dz, dy, dx)."""
+    if connectivity not in (6, 18, 26):
+        raise HSSLError(f"grow: connectivity must be 6, 18 or 26, not {connectivity}")
+    out = []
+    for dz in (0, 1):
+        for dy in ((-1, 0, 1) if dz else (0, 1)):
+            for dx in ((-1, 0, 1) if dz or dy else (1,)):
+                if sum(map(abs, (dz, dy, dx))) <= {6: 1, 18: 2, 26: 3}[connectivity]:
+                    out.append((dz, dy, dx))
+    return out
+
+
+def _edges(shape: Sequence[int], mask: np.ndarray | None, connectivity: int = 6):
+    """Pairs of neighbours (flat indices into ``shape``; int32 when they fit), both inside ``mask``
+    when given, per offset."""
+    n = int(np.prod(shape))
+    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64).reshape(shape)
+    for offset in _offsets(connectivity):
+        a, b = [], []
+        for d in offset:
+            a.append(slice(None) if d == 0 else slice(0, -1) if d > 0 else slice(1, None))
+            b.append(slice(None) if d == 0 else slice(1, None) if d > 0 else slice(0, -1))
+        a, b = tuple(a), tuple(b)
+        ia, ib = index[a], index[b]
         if mask is not None:
-            keep = mask[tuple(a)] & mask[tuple(b)]
+            keep = mask[a] & mask[b]
             ia, ib = ia[keep], ib[keep]
-        yield axis, tuple(a), tuple(b), ia.ravel(), ib.ravel(), (None if mask is None else keep)
+        yield offset, a, b, ia.ravel(), ib.ravel(), (None if mask is None else keep)
 
 
 def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, spacing_zyx: Sequence[float],
                     distance_penalty: float = 0.0, mask: np.ndarray | None = None,
-                    edge_cost: np.ndarray | None = None) -> np.ndarray:
+                    edge_cost: np.ndarray | None = None, connectivity: int = 6) -> np.ndarray:
     """Label every voxel with the label of its nearest seed (see the module docstring).
 
     image: float ``[z, y, x]`` intensities, best normalised to about [0, 1] so that
     ``distance_penalty`` (cost per mm) is comparable across scans. seeds: integer ``[z, y, x]``,
     0 = not a seed. mask: optional bool, voxels outside stay 0 and paths never cross them.
     edge_cost: optional float ``[z, y, x]`` map added to the cost of entering a voxel (e.g. how
-    strongly a second opinion puts a boundary there). Returns the labels, ``seeds``' dtype.
+    strongly a second opinion puts a boundary there). connectivity: 6 (faces), 18 or 26 (every
+    neighbour, as Slicer's effect). Returns the labels, ``seeds``' dtype.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import dijkstra
@@ -58,8 +83,9 @@ def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, spacing_zyx: Sequence[
     if mask is not None and mask.shape != image.shape:
         raise HSSLError(f"grow: the mask {mask.shape} must be on the image grid {image.shape}")
     n = image.size
-    if n > MAX_GROW_VOXELS:
-        raise HSSLError(f"grow: {n / 1e6:.0f} M voxels is too large a region: crop the volume")
+    if n > max_voxels(connectivity):
+        raise HSSLError(f"grow: {n / 1e6:.0f} M voxels is too large a region for {connectivity}-connectivity: "
+                        "crop the volume")
     seed_idx = np.flatnonzero(seeds.reshape(-1) != 0 if mask is None else ((seeds != 0) & mask).reshape(-1))
     out = np.zeros(seeds.shape, dtype=seeds.dtype)
     if seed_idx.size == 0:
@@ -67,11 +93,12 @@ def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, spacing_zyx: Sequence[
     rows, cols, weights = [], [], []
     # SciPy drops edges of weight 0; a floor far below any intensity step keeps them.
     floor = 1e-6
-    for axis, a, b, ia, ib, keep in _edges(image.shape, mask):
+    for offset, a, b, ia, ib, keep in _edges(image.shape, mask, connectivity):
         w = np.abs(image[a] - image[b])
         if edge_cost is not None:
             w = w + 0.5 * (edge_cost[a] + edge_cost[b])
-        w = w + distance_penalty * float(spacing_zyx[axis]) + floor
+        step_mm = float(np.sqrt(sum((d * float(sp)) ** 2 for d, sp in zip(offset, spacing_zyx))))
+        w = w + distance_penalty * step_mm + floor
         rows.append(ia)
         cols.append(ib)
         weights.append((w if keep is None else w[keep]).ravel().astype(np.float64))

@@ -89,6 +89,14 @@ class FinetuneRecipe:
     # 2.9 M-voxel part (scaled: 23.4 s) and 0.38 s on a 0.55 M-voxel one (scaled: 7.7 s).
     selection_share: float = 0.15
     grow_seconds_per_voxel: float = 1.5e-6
+    # grow over all 26 neighbours instead of 6 (hssl.refine) is also scored on the held-out slice and
+    # replaces the 6-neighbour grow when its mean Dice there is higher; tried when the final
+    # prediction's region has at most alt_grow_max_voxels voxels (its graph has 13 edges per voxel,
+    # not 3) and when, at alt_grow_cost times the 6-neighbour grow's seconds there (measured:
+    # 2.0-2.4), the selection stays within its share of the budget. 0 turns it off.
+    alt_grow_connectivity: int = 26
+    alt_grow_max_voxels: int = 9_000_000
+    alt_grow_cost: float = 2.5
     # Self-supervised adaptation to the scan before fine-tuning (hssl.adapt): this share of a time
     # budget, at this learning rate. Off (0) until it wins on the development set.
     adapt_share: float = 0.0

@@ -14,7 +14,11 @@ Candidates (``CANDIDATES``):
   effect keeps to the seeds' extent plus 10 %): with nothing painted beyond the outermost slice,
   growing further mostly leaks (development set, whole region against the span plus a quarter:
   hippocampus+amygdala 0.46 -> 0.58, deep nuclei 0.69 -> 0.76 and 0.66 -> 0.77, lung2 tumour
-  0.74 -> 0.87, breast lesion 0.82 -> 0.79, head CT 0.87 -> 0.86).
+  0.74 -> 0.87, breast lesion 0.82 -> 0.79, head CT 0.87 -> 0.86). Which neighbours it competes
+  over matters per scan: over all 26 (as Slicer's effect) the head CT's ventricles grow to 0.88
+  where 6 give 0.78, the MNI tissue to 0.92 against 0.85, but the deep nuclei, the hippocampus and
+  two lesions lose 0.02-0.17 (3 painted slices, grow alone): with 3 or more painted slices the
+  held-out slice chooses (``hssl.finetune``, recorded as ``grow_connectivity``).
 
 Beyond its painted slices the network extrapolates, which the held-out slice (always between two
 painted ones) does not test. A segment that runs to a face of the prediction region (the box
@@ -34,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .grow import grow_from_seeds
+from .grow import grow_from_seeds, max_voxels
 from .sparse import whole_slices
 
 CANDIDATES = ("network", "network+grow", "grow")
@@ -101,13 +105,15 @@ def painted_span(known: np.ndarray, margin: float = SPAN_MARGIN) -> tuple[slice,
 
 def candidate(name: str, image: np.ndarray, probs: np.ndarray | None, sparse: np.ndarray, known: np.ndarray,
               spacing_zyx: Sequence[float], confidence: float = CONFIDENCE, erode: int = ERODE,
-              distrust: Sequence[int] = (), span_margin: float = SPAN_MARGIN) -> np.ndarray:
+              distrust: Sequence[int] = (), span_margin: float = SPAN_MARGIN, connectivity: int = 6) -> np.ndarray:
     """One candidate segmentation (class indices, 0 = background) of a region.
 
     image: the normalised intensities of the region; probs: the network's ``(C, z, y, x)``
     probabilities there (not needed for ``grow``); sparse/known: the annotation in class indices;
     distrust: classes whose network voxels seed nothing (``network_seeds``); span_margin: how far
-    ``grow`` goes beyond the painted slices (``painted_span``).
+    ``grow`` goes beyond the painted slices (``painted_span``); connectivity: the neighbours ``grow``
+    competes over (6 or 26, ``hssl.grow``; 6 where its box is too large for more, ``max_voxels``).
+    ``network+grow`` always uses 6.
     """
     if name == "network":
         return probs.argmax(0).astype(np.uint8)
@@ -121,7 +127,9 @@ def candidate(name: str, image: np.ndarray, probs: np.ndarray | None, sparse: np
         seeds = network_seeds(probs, sparse, known, background, confidence, erode, distrust)
     else:
         raise ValueError(f"unknown candidate {name!r}: one of {CANDIDATES}")
-    grown = grow_from_seeds(image[box], seeds, spacing_zyx)
+    size = int(np.prod([b.stop - b.start for b in box]))
+    wide = connectivity if name == "grow" and size <= max_voxels(connectivity) else 6
+    grown = grow_from_seeds(image[box], seeds, spacing_zyx, connectivity=wide)
     grown[grown == background] = 0
     out = np.zeros(sparse.shape, dtype=np.uint8)
     out[box] = grown

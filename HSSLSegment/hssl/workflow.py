@@ -183,6 +183,8 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
         raise HSSLError(f"unknown final step '{final}': choose one of {', '.join(refine_module.CANDIDATES)}")
     if annotation is None:
         final, per_class = "network", {}
+    else:
+        grow_connectivity(model)  # a corrupt record fails before the network pass
     needed = {final, *per_class.values()}
     eta = Eta()
     x = model.normalization.apply(volume.array)
@@ -226,7 +228,7 @@ def predict_volume(model: Model, volume: Volume, device: str = "auto", overlap: 
             # A segment the network does not even reproduce on its painted slices was not learned:
             # it is grown from the painted slices (refine.unlearned_step), unless the held-out slice
             # chose growing alone for it already.
-            unlearned = {c: fit for c, fit in _unlearned(model, classes, sparse, annotation[1], roi).items()
+            unlearned = {c: fit for c, fit in _unlearned(model, classes, sparse, annotation[1], roi, postprocess_mode).items()
                          if per_class.get(c, final) != "grow"}
             if unlearned:
                 needed = {final, *per_class.values(), "network+grow", "grow"}
@@ -294,6 +296,17 @@ def model_final_step(model: Model) -> tuple[str, dict[int, str]]:
     return record.get("chosen", "network"), {by_name[seg]: name for seg, name in per_segment.items() if seg in by_name}
 
 
+def grow_connectivity(model: Model) -> int:
+    """The neighbours the ``grow`` candidate competes over, as the model chose on its held-out slice
+    (6 for models without the record)."""
+    record = (model.meta.get("training") or {}).get("final_step") or {}
+    value = record.get("grow_connectivity", 6) if isinstance(record, dict) else 6
+    if value not in (6, 18, 26) or isinstance(value, bool):
+        raise HSSLError(f"model.json training.final_step.grow_connectivity is {value!r}, not 6, 18 or 26: the model "
+                        "folder is corrupt; re-train the model")
+    return int(value)
+
+
 def _trained_recipe(model: Model) -> FinetuneRecipe:
     """The recipe the model was fine-tuned with (today's defaults for what its record lacks, or for
     all of it when the record is unreadable)."""
@@ -312,11 +325,18 @@ def _class_indices(model: Model, values: np.ndarray) -> np.ndarray:
     return sparse
 
 
-def _unlearned(model: Model, network: np.ndarray, sparse: np.ndarray, known: np.ndarray, roi) -> dict[int, float]:
+def _unlearned(model: Model, network: np.ndarray, sparse: np.ndarray, known: np.ndarray, roi,
+               postprocess_mode: str = "annotated-components") -> dict[int, float]:
     """Classes whose network Dice on their own painted voxels (in ``roi``) is below the recipe's
-    poor-learning threshold, with that Dice."""
+    poor-learning threshold, with that Dice. With ``postprocess_mode='annotated-components'`` it is
+    judged on the components that post-processing keeps: a look-alike elsewhere on a painted slice
+    (the air outside the body for the lungs) never reaches the user, so it does not make a segment
+    unlearned (lung2 chest CT: 0.50 on the raw network, 0.88 on its kept components)."""
     region = roi if roi is not None else tuple(slice(0, n) for n in network.shape)
-    fit = refine_module.painted_fit(network[region], sparse[region], known[region], range(1, len(model.labels) + 1))
+    net_r, sparse_r, known_r = network[region], sparse[region], known[region]
+    if postprocess_mode == "annotated-components":
+        net_r = postprocess.keep_annotated_components(net_r, sparse_r, known_r)
+    fit = refine_module.painted_fit(net_r, sparse_r, known_r, range(1, len(model.labels) + 1))
     poor = DEFAULT_RECIPE.poor_heldout_dice
     return {c: v for c, v in fit.items() if v < poor}
 
@@ -335,7 +355,8 @@ def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Mod
     results = {name: (network[region] if name == "network" else
                       refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
                                               model.plan.spacing, recipe.refine_confidence,
-                                              distrust=tuple(unlearned or ()), span_margin=recipe.grow_span_margin))
+                                              distrust=tuple(unlearned or ()), span_margin=recipe.grow_span_margin,
+                                              connectivity=grow_connectivity(model)))
                for name in needed}
     fallback = {c: refine_module.unlearned_step(results["network+grow"], results["grow"], c, recipe.unlearned_keep_share)
                 for c in sorted(unlearned or {})}
@@ -364,7 +385,7 @@ def _confined(model: Model, x: np.ndarray, classes: np.ndarray, sparse: np.ndarr
         return classes, {}
     if grown is None:
         grown = refine_module.candidate("grow", x[roi], None, sparse_r, known_r, model.plan.spacing,
-                                        span_margin=recipe.grow_span_margin)
+                                        span_margin=recipe.grow_span_margin, connectivity=grow_connectivity(model))
     out = classes.copy()
     out[roi] = refine_module.confine(classes[roi], grown, sparse_r, known_r, sorted(leaks))
     return out, leaks

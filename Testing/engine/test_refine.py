@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from hssl import refine
+from hssl.errors import HSSLError
 from hssl.grow import grow_from_seeds
 from hssl.sparse import SliceRef, known_mask
+
 
 
 def _bright_box(shape=(12, 30, 30), box=(slice(2, 10), slice(8, 22), slice(6, 20)), seed=0):
@@ -37,6 +39,51 @@ def test_grow_respects_the_mask_and_keeps_unreached_voxels_at_zero():
     mask[:, :, :15] = True
     out = grow_from_seeds(image, seeds, (1.0, 1.0, 1.0), mask=mask)
     assert (out[:, :, 15:] == 0).all() and (out[mask] == 1).all()
+
+
+def _diagonal_line(n=8):
+    """A dark volume with a bright line of voxels touching only by their corners, (i, i, i)."""
+    image = np.zeros((n, n, n), np.float32)
+    line = np.arange(n)
+    image[line, line, line] = 1.0
+    return image, line
+
+
+def test_grow_over_26_neighbours_follows_a_line_that_6_neighbours_cannot():
+    from hssl import grow
+
+    assert [len(grow._offsets(c)) for c in (6, 18, 26)] == [3, 9, 13]
+    assert grow.max_voxels(26) < grow.max_voxels(6) == grow.MAX_GROW_VOXELS
+    image, line = _diagonal_line()
+    seeds = np.zeros(image.shape, np.int32)
+    seeds[0, 0, 0] = 1  # the line's first voxel
+    seeds[0, 7, 0] = 2  # a dark corner: the background
+    faces = grow_from_seeds(image, seeds, (1.0, 1.0, 1.0))
+    every = grow_from_seeds(image, seeds, (1.0, 1.0, 1.0), connectivity=26)
+    # Over faces the line's next voxel is two intensity steps from its seed, one from the dark.
+    assert (faces[line[1:], line[1:], line[1:]] == 2).all()
+    assert (every[line, line, line] == 1).all() and (every[image == 0] == 2).all()
+    with pytest.raises(HSSLError, match="connectivity must be 6, 18 or 26"):
+        grow_from_seeds(image, seeds, (1.0, 1.0, 1.0), connectivity=8)
+
+
+def test_prediction_grows_over_the_neighbours_the_model_chose_and_refuses_a_corrupt_record():
+    from hssl.workflow import predict_volume
+
+    image, line = _diagonal_line(12)
+    truth = np.zeros(image.shape, np.uint8)
+    truth[line, line, line] = 1
+    model, volume, known, annotation, notes, progress = _painted_slice_case(image, truth)
+    got = {}
+    for connectivity in (6, 26):
+        model.meta = {"training": {"final_step": {"chosen": "grow", "grow_connectivity": connectivity}}}
+        got[connectivity] = predict_volume(model, volume, "cpu", annotation=annotation, postprocess_mode="none").labels
+    # Painted slice z=5 holds the line's voxel (5, 5, 5); the grow box spans the painted slice +- 3.
+    along = [i for i in range(2, 9) if i != 5]
+    assert (got[26][along, along, along] == 1).all() and (got[6][along, along, along] == 0).all()
+    model.meta = {"training": {"final_step": {"chosen": "grow", "grow_connectivity": "all"}}}
+    with pytest.raises(HSSLError, match="grow_connectivity is 'all'.*corrupt"):
+        predict_volume(model, volume, "cpu", annotation=annotation)
 
 
 def test_network_seeds_keep_only_sure_voxels_away_from_the_boundary_and_painted_voxels_win():
@@ -309,6 +356,27 @@ def test_the_network_voxels_of_a_distrusted_class_seed_nothing():
     assert (distrusted[:, :, :5] == 3).all()  # the background is still seeded
 
 
+def test_a_look_alike_the_post_processing_drops_does_not_make_a_segment_unlearned(monkeypatch):
+    from hssl import workflow
+    from hssl.recipe import DEFAULT_RECIPE
+
+    image, truth = _bright_box()
+    network = truth.copy()
+    # Off the box, on and around the painted slice z=5: look-alikes (the air outside the body for the
+    # lungs) that touch no painted voxel of 'a'. On the raw network they halve its painted-slice fit.
+    network[4:7, 0:6, :] = 1
+    network[4:7, 24:30, :] = 1
+    network[4:7, 8:22, 0:5] = 1
+    model, volume, known, annotation, notes, progress = _painted_slice_case(image, truth)
+    sparse = workflow._class_indices(model, annotation[0])
+    raw = workflow._unlearned(model, network, sparse, known, None, postprocess_mode="none")
+    assert set(raw) == {1} and raw[1] < DEFAULT_RECIPE.poor_heldout_dice
+    assert workflow._unlearned(model, network, sparse, known, None) == {}  # judged on the kept components
+    monkeypatch.setattr(workflow, "predict_array", lambda *args, **kwargs: (network.copy(), None))
+    pred = workflow.predict_volume(model, volume, "cpu", annotation=annotation, progress=progress)
+    assert (pred.final, pred.per_segment, notes) == ("network", {}, []) and np.array_equal(pred.labels, truth)
+
+
 def test_an_unlearned_segment_is_grown_within_the_networks_sure_background(monkeypatch):
     from hssl import workflow
 
@@ -434,6 +502,7 @@ def test_a_segment_running_on_to_the_region_face_at_its_painted_size_is_confined
 
 def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_the_painted_neighbours(monkeypatch):
     from hssl import finetune as finetune_module
+    from hssl.recipe import DEFAULT_RECIPE
     from hssl.fewslice import array_geometry, make_case
     from hssl.finetune import FinetuneOptions, finetune
     from hssl.io import Volume
@@ -453,7 +522,10 @@ def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_
     notes = []
     progress = Progress(bar=False)
     progress.log = notes.append
-    opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16))
+    # A selection share of 10 budgets: the limit (30 s) sits between the two costs above, and the
+    # extra grow over 26 neighbours always fits, however slow the machine.
+    recipe = dataclasses.replace(DEFAULT_RECIPE, selection_share=10.0)
+    opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16), recipe=recipe)
     result = finetune(case.volume, case.labels, case.annotation, opts, progress)
     record = result.final_step
     assert record["scope"] == "crop"
@@ -461,6 +533,10 @@ def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_
     assert set(record["heldout_dice"]) == set(refine.CANDIDATES)  # all three, grow included
     # The network's fit to the other painted slices there, per segment (for the final prediction's reserve).
     assert set(record["painted_fit"]) == set(record["per_segment"]) and all(0 <= v <= 1 for v in record["painted_fit"].values())
+    # A small region: grow over 26 neighbours was scored too, and the better mean held-out Dice chose.
+    tried = record["grow_by_connectivity"]
+    assert set(tried) == {"6", "26"}
+    assert record["grow_connectivity"] == (26 if tried["26"] > tried["6"] else 6)
     assert any("the candidates are compared on a" in n for n in notes)
     holdout = next(s for s in case.annotation.slices if s.name(case.volume.geometry.axis_names()) == result.heldout)
     whole = refine.selection_region(case.annotation.slices, holdout, None, truth.shape)
