@@ -14,6 +14,7 @@ Arrays are ``[z, y, x]``; spacing is ``[z, y, x]`` mm.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -34,13 +35,9 @@ def _offsets(connectivity: int) -> list[tuple[int, int, int]]:
     connectivity, as (dz, dy, dx)."""
     if connectivity not in (6, 18, 26):
         raise HSSLError(f"grow: connectivity must be 6, 18 or 26, not {connectivity}")
-    out = []
-    for dz in (0, 1):
-        for dy in ((-1, 0, 1) if dz else (0, 1)):
-            for dx in ((-1, 0, 1) if dz or dy else (1,)):
-                if sum(map(abs, (dz, dy, dx))) <= {6: 1, 18: 2, 26: 3}[connectivity]:
-                    out.append((dz, dy, dx))
-    return out
+    reach = {6: 1, 18: 2, 26: 3}[connectivity]  # most axes an offset may step along
+    # Tuples greater than (0, 0, 0): the first non-zero step is positive, one of each opposite pair.
+    return [o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0) and sum(map(abs, o)) <= reach]
 
 
 def _edges(shape: Sequence[int], mask: np.ndarray | None, connectivity: int = 6):

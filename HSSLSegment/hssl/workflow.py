@@ -352,11 +352,12 @@ def _refined(needed: set[str], final: str, per_class: dict[int, str], model: Mod
     its network+grow result as a share of its grow result)."""
     region = roi if roi is not None else tuple(slice(0, n) for n in x.shape)
     probs_r = probs[(slice(None), *region)].astype(np.float32) if probs is not None else None
+    connectivity = grow_connectivity(model)
     results = {name: (network[region] if name == "network" else
                       refine_module.candidate(name, x[region], probs_r, sparse[region], known[region],
                                               model.plan.spacing, recipe.refine_confidence,
                                               distrust=tuple(unlearned or ()), span_margin=recipe.grow_span_margin,
-                                              connectivity=grow_connectivity(model)))
+                                              connectivity=connectivity))
                for name in needed}
     fallback = {c: refine_module.unlearned_step(results["network+grow"], results["grow"], c, recipe.unlearned_keep_share)
                 for c in sorted(unlearned or {})}
