@@ -685,8 +685,9 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
     the final prediction's estimate). ``cropped``: ``region`` is a part across of the region between
     the painted neighbours (``_crop_across``), recorded as the scope. ``grow`` is also scored over
     ``recipe.alt_grow_connectivity`` neighbours when the final prediction's region (``final_voxels``)
-    is small enough and the selection's seconds stay within ``limit_seconds``; the better one (ties:
-    6) is the ``grow`` candidate, its connectivity recorded."""
+    is small enough and the selection's seconds stay within ``limit_seconds``; it replaces the
+    6-neighbour grow as the ``grow`` candidate when its mean held-out Dice is higher by more than
+    ``recipe.alt_grow_margin``, its connectivity recorded."""
     from .predict import predict_array
     from .workflow import default_overlap
 
@@ -728,7 +729,7 @@ def _select_final_step(net: SegNet, image: np.ndarray, target: np.ndarray, annot
         alt_seconds = time.monotonic() - t
         alt_scores = refine.slice_dice(pred, target[region], mask_r, classes)
         tried = {6: _mean(scores["grow"]), alt: _mean(alt_scores)}
-        if tried[alt] > tried[6]:
+        if tried[alt] > tried[6] + recipe.alt_grow_margin:
             scores["grow"], seconds["grow"], connectivity = alt_scores, alt_seconds, alt
     margins = {"grow": recipe.grow_margin}
     per_class = refine.choose_per_class(scores, margins=margins, poor=recipe.poor_heldout_dice)

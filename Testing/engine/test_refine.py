@@ -533,10 +533,12 @@ def test_a_region_too_large_to_compare_the_candidates_is_cropped_across_keeping_
     assert set(record["heldout_dice"]) == set(refine.CANDIDATES)  # all three, grow included
     # The network's fit to the other painted slices there, per segment (for the final prediction's reserve).
     assert set(record["painted_fit"]) == set(record["per_segment"]) and all(0 <= v <= 1 for v in record["painted_fit"].values())
-    # A small region: grow over 26 neighbours was scored too, and the better mean held-out Dice chose.
+    # A small region: grow over 26 neighbours was scored too, and chosen only when its mean held-out
+    # Dice beats the 6-neighbour grow's by more than the recipe's margin.
     tried = record["grow_by_connectivity"]
     assert set(tried) == {"6", "26"}
-    assert record["grow_connectivity"] == (26 if tried["26"] > tried["6"] else 6)
+    wins = tried["26"] > tried["6"] + DEFAULT_RECIPE.alt_grow_margin
+    assert record["grow_connectivity"] == (26 if wins else 6)
     assert any("the candidates are compared on a" in n for n in notes)
     holdout = next(s for s in case.annotation.slices if s.name(case.volume.geometry.axis_names()) == result.heldout)
     whole = refine.selection_region(case.annotation.slices, holdout, None, truth.shape)
@@ -628,3 +630,40 @@ def test_grow_stays_within_a_quarter_of_the_painted_span_beyond_the_outermost_sl
     one = known_mask(truth.shape, [SliceRef(0, 20)])
     assert refine.painted_span(one) == (slice(0, 40), slice(0, 20), slice(0, 20))
     assert np.array_equal(refine.candidate("grow", image, None, np.where(one, truth, 0), one, (1.0, 1.0, 1.0)), truth)
+
+
+@pytest.mark.parametrize("lead, chosen", [(0.01, 6), (0.05, 26)])
+def test_grow_over_26_neighbours_replaces_6_only_when_it_wins_by_the_margin(monkeypatch, lead, chosen):
+    from hssl.recipe import DEFAULT_RECIPE
+    from hssl.fewslice import array_geometry, make_case
+    from hssl.finetune import FinetuneOptions, finetune
+    from hssl.io import Volume
+
+    assert DEFAULT_RECIPE.alt_grow_margin == 0.02  # the leads below sit either side of it
+    image, truth = _bright_box((16, 40, 40), (slice(3, 13), slice(4, 16), slice(20, 34)))
+    volume = Volume((image * 100).astype(np.float32), array_geometry(image.shape, (1.0, 1.0, 1.0)), "box")
+    case = make_case(volume, truth, 3)
+    # The held-out Dice of the 6-neighbour grow is 0.6, the 26-neighbour one's 0.6 + lead; the
+    # network's candidates keep their real scores.
+    real_candidate, real_dice = refine.candidate, refine.slice_dice
+    grown = {}
+
+    def candidate(name, *args, connectivity=6, **kwargs):
+        pred = real_candidate(name, *args, connectivity=connectivity, **kwargs)
+        if name == "grow":
+            grown[id(pred)] = connectivity
+        return pred
+
+    def slice_dice(pred, target, mask, classes):
+        if id(pred) in grown:
+            return {c: 0.6 + (lead if grown[id(pred)] == 26 else 0.0) for c in classes}
+        return real_dice(pred, target, mask, classes)
+
+    monkeypatch.setattr(refine, "candidate", candidate)
+    monkeypatch.setattr(refine, "slice_dice", slice_dice)
+    recipe = dataclasses.replace(DEFAULT_RECIPE, selection_share=10.0)  # the 26-neighbour grow always fits
+    opts = FinetuneOptions(time_budget=3.0, device="cpu", patch_size=(8, 16, 16), recipe=recipe)
+    record = finetune(case.volume, case.labels, case.annotation, opts).final_step
+    assert record["grow_by_connectivity"] == {"6": 0.6, "26": round(0.6 + lead, 4)}
+    assert record["grow_connectivity"] == chosen
+    assert set(record["heldout_dice"]["grow"].values()) == {round(0.6 + (lead if chosen == 26 else 0.0), 4)}
